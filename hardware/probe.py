@@ -1,0 +1,77 @@
+"""The `local` profile: this machine's CPU (or CUDA GPU) described and measured now.
+
+Memory bandwidth is measured as a large tensor copy (read + write bytes / time); matmul throughput as square
+matmuls (2n^3 FLOP / time) in BF16 and FP32. Medians of repeated runs; the thread count is recorded.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from functools import cache
+
+import torch
+
+from hardware.profile import Profile
+from hardware.timing import time_fn
+
+COPY_BYTES = 256 * 2**20
+MATMUL_N = 1024
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def measure_copy_GBps(device: str) -> tuple[float, str]:
+    """Memory bandwidth from a copy of COPY_BYTES (counted twice: read and write)."""
+    src = torch.ones(COPY_BYTES // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    t = time_fn(lambda: dst.copy_(src), device=device, warmup=2, min_reps=5, min_time_s=0.3)
+    return 2 * COPY_BYTES / t.median / 1e9, f"measured: copy of {COPY_BYTES >> 20} MiB fp32, median of {len(t.samples)}"
+
+
+def measure_matmul_TFLOPS(device: str, dtype: torch.dtype) -> tuple[float, str]:
+    """Dense matmul throughput for an n x n x n product in `dtype`."""
+    n = MATMUL_N * (4 if device == "cuda" else 1)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    t = time_fn(lambda: a @ b, device=device, warmup=2, min_reps=5, min_time_s=0.3)
+    name = str(dtype).removeprefix("torch.")
+    return 2 * n**3 / t.median / 1e12, f"measured: {n}^3 {name} matmul, median of {len(t.samples)}"
+
+
+@cache
+def probe_local() -> Profile:
+    """Describe and measure this machine (the GPU when torch sees one, else the CPU). Cached per process."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    threads = torch.get_num_threads()
+    sources: dict[str, str] = {}
+    bw, sources["hbm_bandwidth_GBps"] = measure_copy_GBps(device)
+    bf16, sources["bf16_dense_TFLOPS"] = measure_matmul_TFLOPS(device, torch.bfloat16)
+    fp32, sources["fp32_dense_TFLOPS"] = measure_matmul_TFLOPS(device, torch.float32)
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        description = f"{props.name} (CUDA, {props.multi_processor_count} SMs) on {cpu_model()}"
+        capacity = props.total_memory / 1e9
+        sources["hbm_capacity_GB"] = "torch.cuda.get_device_properties(0).total_memory"
+        gpus = torch.cuda.device_count()
+        sources["gpus_per_node"] = "torch.cuda.device_count()"
+    else:
+        description = f"{cpu_model()} ({os.cpu_count()} logical cores, torch threads {threads})"
+        capacity = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+        sources["hbm_capacity_GB"] = "os.sysconf: physical pages x page size (system DRAM)"
+        gpus = 1
+        sources["gpus_per_node"] = "no GPU: the CPU counts as one device"
+    return Profile(name="local", description=description, kind="gpu" if device == "cuda" else "cpu",
+                   bf16_dense_TFLOPS=bf16, fp32_dense_TFLOPS=fp32, hbm_capacity_GB=capacity,
+                   hbm_bandwidth_GBps=bw, gpus_per_node=gpus, sources=sources,
+                   notes=f"probed now with torch {torch.__version__}, {threads} threads", path="probed")

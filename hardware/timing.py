@@ -1,0 +1,78 @@
+"""Wall-clock timing with warm-up, repetitions and raw samples; CUDA work is timed with events and synchronised.
+
+`time_interleaved` runs the candidates side by side (A B A B ...) so that a speed ratio is measured in one run
+under the same machine state, as the measurement policy requires.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Raw samples in seconds and their summary."""
+
+    samples: tuple[float, ...]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    @property
+    def minimum(self) -> float:
+        return min(self.samples)
+
+    @property
+    def iqr(self) -> float:
+        """Inter-quartile range (0 for fewer than 2 samples)."""
+        if len(self.samples) < 2:
+            return 0.0
+        q = statistics.quantiles(self.samples, n=4, method="inclusive")
+        return q[2] - q[0]
+
+
+def _once(fn: Callable[[], object], device: str) -> float:
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def time_fn(fn: Callable[[], object], *, device: str = "cpu", warmup: int = 1, min_reps: int = 5,
+            min_time_s: float = 0.2, max_reps: int = 1000) -> Timing:
+    """Time `fn` after `warmup` calls: at least `min_reps` samples and at least `min_time_s` in total."""
+    for _ in range(warmup):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    samples: list[float] = []
+    while len(samples) < max_reps and (len(samples) < min_reps or sum(samples) < min_time_s):
+        samples.append(_once(fn, device))
+    return Timing(tuple(samples))
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], *, device: str = "cpu", warmup: int = 1,
+                     reps: int = 7) -> dict[str, Timing]:
+    """Time several candidates side by side: each round calls every candidate once, in turn."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            samples[name].append(_once(fn, device))
+    return {name: Timing(tuple(s)) for name, s in samples.items()}

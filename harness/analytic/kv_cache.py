@@ -1,0 +1,36 @@
+"""KV-cache bytes per token: what one token leaves in the cache of every layer."""
+
+from __future__ import annotations
+
+from dsv3ref.config import AttentionConfig, ConfigError, ModelConfig
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
+MLA_MODES = ("absorbed", "naive")
+
+
+def _dtype_bytes(dtype: str) -> int:
+    if dtype not in DTYPE_BYTES:
+        raise ConfigError(f"cache dtype: expected one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
+    return DTYPE_BYTES[dtype]
+
+
+def kv_cache_bytes_per_token_layer(att: AttentionConfig, dtype: str = "bf16", mla_mode: str = "absorbed") -> int:
+    """One layer's cache bytes per token.
+
+    MHA/GQA/MQA: K and V of every KV head, 2 * kv_heads * head_dim elements.
+    MLA absorbed: the normalised latent c^KV plus the shared roped key k^R, kv_lora_rank + qk_rope_head_dim.
+    MLA naive: per-head K (nope + rope) and V, num_heads * (qk_head_dim + v_head_dim) -- the MHA-sized cache.
+    """
+    width = _dtype_bytes(dtype)
+    if att.kind != "mla":
+        return 2 * att.num_kv_heads * att.head_dim * width
+    if mla_mode == "absorbed":
+        return (att.kv_lora_rank + att.qk_rope_head_dim) * width
+    if mla_mode == "naive":
+        return att.num_heads * (att.qk_head_dim + att.v_dim) * width
+    raise ConfigError(f"mla_mode: expected one of {', '.join(MLA_MODES)}, got {mla_mode!r}")
+
+
+def kv_cache_bytes_per_token(cfg: ModelConfig, dtype: str = "bf16", mla_mode: str = "absorbed") -> int:
+    """All layers' cache bytes per token (MTP modules excluded: they are not run when serving without MTP)."""
+    return cfg.num_layers * kv_cache_bytes_per_token_layer(cfg.attention, dtype, mla_mode)

@@ -1,0 +1,1 @@
+"""Implementations under test: one module per component; each registers with `harness.registry`."""

@@ -1,0 +1,148 @@
+"""Registry of components under test and their implementations.
+
+A component (e.g. `costmodel`, `mla`, `moe`, `fp8`) declares the protocol its implementations satisfy; each
+implementation registers a zero-argument factory under a name (`reference` first). The conformance suites are
+written once against the protocol and run against every selected implementation. Users add their own with
+`--dsv3-impl module:factory`: the factory returns an object whose `component` attribute names the component.
+
+Implementations live in `harness/impls/<component>.py` and register themselves on import; `load_all()` imports
+every module of that package, so adding a component touches no other file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class UsageError(ValueError):
+    """Bad command-line or plugin usage; reported as one line, exit code 2."""
+
+
+@dataclass(frozen=True)
+class Component:
+    """A thing under test and the attribute names its implementations must provide."""
+
+    name: str
+    description: str
+    required: tuple[str, ...]
+    properties: tuple[str, ...] = ()  # named properties an implementation may declare not applicable
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """A named factory for one component; `requires` lists importable modules it needs (e.g. transformers)."""
+
+    component: str
+    name: str
+    factory: Callable[[], Any]
+    description: str = ""
+    requires: tuple[str, ...] = ()
+    devices: tuple[str, ...] = ("cpu", "cuda")
+
+    def missing(self) -> list[str]:
+        """Modules in `requires` that are not importable here."""
+        return [m for m in self.requires if importlib.util.find_spec(m) is None]
+
+    def create(self) -> Any:
+        """Build the implementation object and check it against its component's protocol."""
+        obj = self.factory()
+        check_protocol(COMPONENTS[self.component], obj, self.name)
+        return obj
+
+
+@dataclass
+class _Registry:
+    components: dict[str, Component] = field(default_factory=dict)
+    impls: dict[tuple[str, str], Implementation] = field(default_factory=dict)
+    loaded: bool = False
+
+
+_REG = _Registry()
+COMPONENTS = _REG.components
+
+
+def register_component(name: str, description: str, required: tuple[str, ...],
+                       properties: tuple[str, ...] = ()) -> Component:
+    """Declare a component; registering the same name twice is an error."""
+    if name in _REG.components:
+        raise ValueError(f"component {name!r} is already registered")
+    comp = Component(name, description, required, properties)
+    _REG.components[name] = comp
+    return comp
+
+
+def register_impl(component: str, name: str, factory: Callable[[], Any], description: str = "",
+                  requires: tuple[str, ...] = (), devices: tuple[str, ...] = ("cpu", "cuda")) -> Implementation:
+    """Register an implementation of an already declared component."""
+    if component not in _REG.components:
+        raise ValueError(f"unknown component {component!r}")
+    if (component, name) in _REG.impls:
+        raise ValueError(f"implementation {component}/{name} is already registered")
+    impl = Implementation(component, name, factory, description, requires, devices)
+    _REG.impls[(component, name)] = impl
+    return impl
+
+
+def load_all() -> None:
+    """Import every module of `harness.impls` so that all built-in components and implementations register."""
+    if _REG.loaded:
+        return
+    import harness.impls as pkg
+
+    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
+        importlib.import_module(f"{pkg.__name__}.{info.name}")
+    _REG.loaded = True
+
+
+def implementations(component: str | None = None) -> list[Implementation]:
+    """Registered implementations, optionally of one component, in registration order."""
+    load_all()
+    return [i for (c, _), i in _REG.impls.items() if component in (None, c)]
+
+
+def check_protocol(comp: Component, obj: Any, label: str) -> None:
+    """Raise UsageError if `obj` lacks an attribute the component requires."""
+    missing = [a for a in comp.required if not hasattr(obj, a)]
+    if missing:
+        raise UsageError(f"implementation {label!r} of {comp.name!r} lacks {', '.join(missing)}")
+
+
+def not_applicable(obj: Any) -> frozenset[str]:
+    """Properties the implementation declares it legitimately lacks (attribute `not_applicable`)."""
+    return frozenset(getattr(obj, "not_applicable", ()))
+
+
+def resolve(spec: str) -> list[Implementation]:
+    """Resolve one `--dsv3-impl` value: a registered name (matched in every component) or `module:factory`."""
+    load_all()
+    if ":" in spec:
+        return [_from_factory_path(spec)]
+    found = [i for (_, n), i in _REG.impls.items() if n == spec]
+    if not found:
+        names = sorted({n for _, n in _REG.impls})
+        raise UsageError(f"--dsv3-impl: unknown implementation {spec!r}; known: {', '.join(names)} "
+                         "(or module:factory)")
+    return found
+
+
+def _from_factory_path(spec: str) -> Implementation:
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UsageError(f"--dsv3-impl {spec}: cannot import module {module_name!r} ({e})") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise UsageError(f"--dsv3-impl {spec}: module {module_name!r} has no callable {attr!r}")
+    component = getattr(factory, "component", None)
+    if component is None:
+        component = getattr(factory(), "component", None)
+    if component not in _REG.components:
+        raise UsageError(f"--dsv3-impl {spec}: the factory's object must have a `component` attribute naming one "
+                         f"of {', '.join(sorted(_REG.components))}; got {component!r}")
+    return Implementation(component, spec, factory, f"user implementation {spec}")

@@ -1,0 +1,73 @@
+"""Registration of report sections: a component adds a table to `dsv3 report` without touching the report code.
+
+A section is a function `run(ctx) -> list[Table]` registered with `@section(...)` in a module of
+`harness/sections/`; `quick=False` sections run only under `dsv3 report --full`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from dsv3ref.config import ModelConfig
+from hardware.profile import Profile
+from harness.results import Record
+
+
+@dataclass
+class Table:
+    """One rendered table plus the records behind it (what `--format json` emits)."""
+
+    title: str
+    headers: list[str]
+    rows: list[list[Any]]
+    records: list[Record]
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ReportContext:
+    """What a section may use: the selected models and profiles (local first), the device, and a progress hook."""
+
+    models: tuple[ModelConfig, ...]
+    profiles: tuple[Profile, ...]
+    local: Profile
+    device: str
+    full: bool
+    progress: Callable[[str], None] = print
+
+
+@dataclass(frozen=True)
+class Section:
+    name: str
+    title: str
+    order: int
+    quick: bool
+    run: Callable[[ReportContext], list[Table]]
+
+
+_SECTIONS: dict[str, Section] = {}
+
+
+def section(name: str, title: str, order: int, quick: bool = True) -> Callable:
+    """Decorator: register `run(ctx) -> list[Table]` as a report section (lower `order` prints first)."""
+
+    def register(run: Callable[[ReportContext], list[Table]]) -> Callable[[ReportContext], list[Table]]:
+        if name in _SECTIONS:
+            raise ValueError(f"report section {name!r} is already registered")
+        _SECTIONS[name] = Section(name, title, order, quick, run)
+        return run
+
+    return register
+
+
+def sections(full: bool) -> list[Section]:
+    """All quick sections, plus the full ones when `full`, in order."""
+    import harness.sections as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        importlib.import_module(f"{pkg.__name__}.{info.name}")
+    return sorted((s for s in _SECTIONS.values() if s.quick or full), key=lambda s: (s.order, s.name))

@@ -1,0 +1,1 @@
+"""Conformance suites: property tests any implementation registered in harness.registry can be run against."""

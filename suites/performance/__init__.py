@@ -1,0 +1,1 @@
+"""Performance suites: side-by-side measurements with pytest-benchmark; speed claims are ratios in one run."""
