@@ -71,6 +71,7 @@ def probe_local() -> Profile:
         sources["hbm_capacity_GB"] = "os.sysconf: physical pages x page size (system DRAM)"
         gpus = 1
         sources["gpus_per_node"] = "no GPU: the CPU counts as one device"
+    sources["scaleup_domain_gpus"] = "one device: no scale-up domain is probed"
     return Profile(name="local", description=description, kind="gpu" if device == "cuda" else "cpu",
                    bf16_dense_TFLOPS=bf16, fp32_dense_TFLOPS=fp32, hbm_capacity_GB=capacity,
                    hbm_bandwidth_GBps=bw, gpus_per_node=gpus, sources=sources,

@@ -68,21 +68,23 @@ COMPONENTS = _REG.components
 
 def register_component(name: str, description: str, required: tuple[str, ...],
                        properties: tuple[str, ...] = ()) -> Component:
-    """Declare a component; registering the same name twice is an error."""
-    if name in _REG.components:
-        raise ValueError(f"component {name!r} is already registered")
+    """Declare a component; a second, different declaration of the same name is an error (an identical one, as
+    when a module is imported again, returns the first)."""
     comp = Component(name, description, required, properties)
-    _REG.components[name] = comp
-    return comp
+    if _REG.components.setdefault(name, comp) != comp:
+        raise ValueError(f"component {name!r} is already registered differently")
+    return _REG.components[name]
 
 
 def register_impl(component: str, name: str, factory: Callable[[], Any], description: str = "",
                   requires: tuple[str, ...] = (), devices: tuple[str, ...] = ("cpu", "cuda")) -> Implementation:
-    """Register an implementation of an already declared component."""
+    """Register an implementation of an already declared component; the same name from another module is an error
+    (from the same module, as when it is imported again, the new registration replaces the old)."""
     if component not in _REG.components:
         raise ValueError(f"unknown component {component!r}")
-    if (component, name) in _REG.impls:
-        raise ValueError(f"implementation {component}/{name} is already registered")
+    old = _REG.impls.get((component, name))
+    if old is not None and old.factory.__module__ != factory.__module__:
+        raise ValueError(f"implementation {component}/{name} is already registered by {old.factory.__module__}")
     impl = Implementation(component, name, factory, description, requires, devices)
     _REG.impls[(component, name)] = impl
     return impl

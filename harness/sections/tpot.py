@@ -1,0 +1,50 @@
+"""Section: the paper's EP-communication bound on TPOT, for every MoE model on every profile with a network."""
+
+from __future__ import annotations
+
+from harness import paper
+from harness.analytic import ep_comm_bound, ep_link
+from harness.analytic.tpot import TPOT_METHODS
+from harness.formatting import deviation, num
+from harness.report_sections import ReportContext, Table, section
+from harness.results import Record
+
+
+@section("tpot", "EP-communication bound on TPOT", order=40)
+def run(ctx: ReportContext) -> list[Table]:
+    rows, records, notes = [], [], []
+    skipped = [p.name for p in ctx.profiles if ep_link(p) is None]
+    for m in (m for m in ctx.models if m.moe is not None):
+        for p in ctx.profiles:
+            link = ep_link(p)
+            if link is None:
+                continue
+            bounds = {meth: ep_comm_bound(m, link[1], meth) for meth in TPOT_METHODS}
+            ref_ms = paper.ref("tpot_ms", m.name, p.name)
+            ref_tps = paper.ref("tokens_per_s", m.name, p.name)
+            for meth, b in bounds.items():
+                extra = {"link": link[0], "bandwidth_GBps": link[1], "hidden": b.hidden,
+                         "comm_time_us": b.comm_time_s * 1e6, "tokens_per_device": b.tokens_per_device,
+                         "experts_per_token": b.experts_per_token, "micro_batches": b.micro_batches}
+                records.append(Record("tpot_ms", m.name, b.tpot_s * 1e3, "ms", profile=p.name,
+                                      paper=ref_ms and ref_ms.value, method=meth, extra=extra))
+                records.append(Record("tokens_per_s", m.name, b.tokens_per_s, "1/s", profile=p.name,
+                                      paper=ref_tps and ref_tps.value, method=meth, extra=extra))
+            if ref_ms and ref_ms.note:
+                notes.append(f"{m.name} on {p.name}: {ref_ms.note}")
+            b7, bx = bounds["paper-7k"], bounds["config-exact"]
+            rows.append([m.name, p.name, f"{link[0]} {num(link[1], 0)}", num(b7.comm_time_s * 1e6),
+                         num(b7.tpot_s * 1e3, 3), num(ref_ms.value) if ref_ms else "—",
+                         deviation(b7.tpot_s * 1e3, ref_ms and ref_ms.value), num(b7.tokens_per_s, 1),
+                         num(ref_tps.value, 0) if ref_tps else "—", num(bx.tpot_s * 1e3, 3),
+                         num(bx.tokens_per_s, 1)])
+    notes.append("bound = layers x 2 micro-batches x (1 B FP8 dispatch + 2 B BF16 combine) x 32 tokens x "
+                 "(top-k + shared) experts x hidden / bandwidth; paper-7k rounds hidden to thousands as the paper "
+                 "does, config-exact uses the config's hidden size; compute and latency assumed hidden")
+    notes.append("link: scale-up when the profile's NVLink domain spans several nodes (rack-scale, e.g. NVL72), "
+                 "else scale-out")
+    if skipped:
+        notes.append(f"no scale-out or rack-scale link declared (bound not applicable): {', '.join(skipped)}")
+    headers = ["model", "profile", "link GB/s", "comm us (7k)", "TPOT ms (7k)", "paper ms", "dev", "tok/s (7k)",
+               "paper tok/s", "TPOT ms (exact)", "tok/s (exact)"]
+    return [Table("EP-communication bound on TPOT (Insights §2.3.2)", headers, rows, records, notes)]

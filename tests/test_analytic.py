@@ -1,0 +1,93 @@
+"""The analytic cost model against hand-derived arithmetic (paper-facts.md §1-3, §8)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+
+from dsv3ref.config import ConfigError, ModelConfig
+from hardware.profile import load_profile
+from harness.analytic import (
+    ep_comm_bound,
+    ep_link,
+    fwd_flops_per_token,
+    kv_cache_bytes_per_token,
+    kv_cache_bytes_per_token_layer,
+    param_counts,
+    train_flops_per_token,
+)
+from harness.analytic.params import attention_params
+from harness.strategies import model_configs
+
+V3 = ModelConfig.preset("deepseek-v3-671b")
+V2 = ModelConfig.preset("deepseek-v2-236b")
+QWEN = ModelConfig.preset("qwen2.5-72b")
+LLAMA = ModelConfig.preset("llama3.1-405b")
+
+
+def test_kv_bytes():
+    assert kv_cache_bytes_per_token(V3) == 70_272
+    assert kv_cache_bytes_per_token(QWEN) == 327_680
+    assert kv_cache_bytes_per_token(LLAMA) == 516_096
+    assert kv_cache_bytes_per_token(V2) == 69_120
+    assert kv_cache_bytes_per_token_layer(V3.attention, mla_mode="naive") == 128 * (192 + 128) * 2  # 81,920
+    assert kv_cache_bytes_per_token(V3, "fp8") == 35_136
+    with pytest.raises(ConfigError, match="cache dtype: expected one of fp32, bf16, fp16, fp8"):
+        kv_cache_bytes_per_token(V3, "int4")
+
+
+def test_v3_mla_layer_params():
+    # wq_a + q_norm + wq_b + wkv_a + kv_norm + wkv_b + wo (paper-facts §8: 187.1M per layer)
+    expected = (7168 * 1536 + 1536 + 1536 * 128 * 192 + 7168 * 576 + 512 + 512 * 128 * 256 + 128 * 128 * 7168)
+    assert attention_params(V3) == expected == 187_107_328
+
+
+def test_v3_param_totals():
+    p = param_counts(V3)
+    expert = 3 * 7168 * 2048
+    assert p.routed_experts == 58 * 256 * expert
+    assert p.activated_routed_experts == 58 * 8 * expert
+    assert p.dense_ffn == 3 * 3 * 7168 * 18432
+    assert p.router == 58 * (256 * 7168 + 256)
+    assert p.total == pytest.approx(671.03e9, rel=1e-4)
+    assert p.activated_non_embedding - p.head == pytest.approx(35.698e9, rel=1e-4)
+
+
+def test_training_flops_both_methods():
+    assert train_flops_per_token(V3) / 1e9 == pytest.approx(250.45, abs=0.02)
+    assert train_flops_per_token(V2) / 1e9 == pytest.approx(155.30, abs=0.02)
+    assert train_flops_per_token(QWEN, "paper-table2") == 72 * 80 * 8192**2 + 6 * 152064 * 8192
+    assert train_flops_per_token(LLAMA, "paper-table2") == 72 * 126 * 16384**2 + 6 * 128256 * 16384
+    assert train_flops_per_token(V3, "paper-table2") == train_flops_per_token(V3, "exact")
+    with pytest.raises(ConfigError, match="method: expected one of exact, paper-table2"):
+        train_flops_per_token(V3, "guess")
+
+
+def test_forward_flops():
+    p = param_counts(V3)
+    assert fwd_flops_per_token(V3, 0) == 2 * p.activated_non_embedding
+    assert fwd_flops_per_token(V3, 1000) - fwd_flops_per_token(V3, 0) == 61 * 2 * 1000 * 128 * (192 + 128)
+
+
+def test_tpot_bound_reproduces_the_paper():
+    h800, nvl = load_profile("h800"), load_profile("gb200-nvl72")
+    assert ep_link(h800) == ("scale-out", 50.0)
+    assert ep_link(nvl) == ("scale-up", 900.0)
+    assert ep_link(load_profile("rtx4090")) is None
+    b = ep_comm_bound(V3, 50.0)
+    assert b.comm_time_s == pytest.approx(120.96e-6, rel=1e-12)
+    assert b.tpot_s == pytest.approx(14.75712e-3, rel=1e-12)
+    assert ep_comm_bound(V3, 900.0).tpot_s == pytest.approx(0.81984e-3, rel=1e-12)
+    assert ep_comm_bound(V3, 50.0, "config-exact").hidden == 7168
+    with pytest.raises(ConfigError, match="moe: the EP-communication bound needs a MoE model"):
+        ep_comm_bound(QWEN, 50.0)
+    with pytest.raises(ConfigError, match="bandwidth_GBps: expected a positive number"):
+        ep_comm_bound(V3, 0.0)
+
+
+@given(model_configs())
+def test_parts_sum_to_total(cfg):
+    p = param_counts(cfg)
+    assert p.total == sum([p.embedding, p.head, p.attention, p.dense_ffn, p.routed_experts, p.shared_experts,
+                           p.router, p.norms])
+    assert p.head == (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)

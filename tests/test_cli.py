@@ -1,0 +1,91 @@
+"""`dsv3` end to end: the report reproduces the paper's analytic numbers; bad input exits 2 with one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from harness.cli import main
+
+
+@pytest.fixture(scope="module")
+def report_json(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    assert main(["report", "--format", "json", "--out", str(out)]) == 0
+    return json.loads((out / "results.json").read_text()), out
+
+
+def _value(doc, metric, subject, profile=None, method=None):
+    hits = [r for r in doc["results"] if r["metric"] == metric and r["subject"] == subject
+            and r["profile"] == profile and (method is None or r["method"] == method)]
+    assert len(hits) == 1, (metric, subject, profile, method)
+    return hits[0]["value"]
+
+
+def test_report_reproduces_the_papers_tables(report_json):
+    doc, _ = report_json
+    assert doc["schema"] == "dsv3-results/1" and doc["env"]["torch"].startswith("2.13.0")
+    assert _value(doc, "kv_cache_bytes_per_token", "deepseek-v3-671b") == 70_272
+    assert _value(doc, "kv_cache_bytes_per_token", "qwen2.5-72b") == 327_680
+    assert _value(doc, "kv_cache_bytes_per_token", "llama3.1-405b") == 516_096
+    for model, paper in (("deepseek-v3-671b", 250), ("deepseek-v2-236b", 155), ("qwen2.5-72b", 394),
+                         ("llama3.1-405b", 2448)):
+        assert _value(doc, "train_gflops_per_token", model, method="paper-table2") == pytest.approx(paper, rel=0.01)
+    assert _value(doc, "params_total", "deepseek-v3-671b") == pytest.approx(671e9, rel=5e-3)
+    assert 36.5e9 <= _value(doc, "params_activated", "deepseek-v3-671b") <= 38.0e9
+    assert _value(doc, "tpot_ms", "deepseek-v3-671b", "h800", "paper-7k") == pytest.approx(14.76, rel=5e-3)
+    assert _value(doc, "tokens_per_s", "deepseek-v3-671b", "h800", "paper-7k") == pytest.approx(67.76, rel=5e-3)
+    assert _value(doc, "tpot_ms", "deepseek-v3-671b", "gb200-nvl72", "paper-7k") == pytest.approx(0.82, rel=5e-3)
+    assert _value(doc, "tokens_per_s", "deepseek-v3-671b", "gb200-nvl72", "paper-7k") == pytest.approx(1220,
+                                                                                                     rel=5e-3)
+
+
+def test_report_writes_markdown_and_flags_the_papers_inconsistencies(report_json):
+    _, out = report_json
+    md = (out / "report.md").read_text()
+    assert "7.34x" in md and "7.28x is inconsistent" in md
+    assert "## EP-communication bound on TPOT" in md
+
+
+@pytest.mark.parametrize("fmt", ["text", "github", "latex", "csv"])
+def test_other_formats(capsys, fmt):
+    assert main(["report", "--format", fmt, "--profile", "h800"]) == 0
+    out = capsys.readouterr().out
+    assert "70,272" in out or "70272" in out
+
+
+def test_user_model_is_added(capsys, tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text('vocab_size = 100\nhidden_size = 64\nnum_layers = 2\nintermediate_size = 128\n'
+                    '[attention]\nkind = "mqa"\nnum_heads = 8\n')
+    assert main(["report", "--format", "csv", "--profile", "h800", "--model", str(path)]) == 0
+    assert "kv_cache_bytes_per_token,mine,,analytic,64," in capsys.readouterr().out  # 2 layers x 2 x 8 x 2 B
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["report", "--profile", "nope"], "dsv3: error: unknown profile 'nope'; known: b200, gb200-nvl72"),
+    (["report", "--model", "nope"], "dsv3: error: preset: unknown model 'nope'"),
+    (["report", "--format", "xml"], "dsv3: error: dsv3 report: argument --format: invalid choice"),
+    (["frobnicate"], "dsv3: error: dsv3: argument command: invalid choice"),
+])
+def test_bad_usage_is_one_line_exit_2(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1
+
+
+def test_malformed_profile_names_file_and_field(capsys, tmp_path):
+    path = tmp_path / "broken.toml"
+    path.write_text('name = "b"\ndescription = "d"\nkind = "gpu"\nbf16_dense_TFLOPS = { value = "fast", '
+                    'source = "s" }\n')
+    assert main(["report", "--profile", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "broken.toml: field 'bf16_dense_TFLOPS': expected a positive number" in err and err.count("\n") == 1
+
+
+def test_profiles_command(capsys):
+    assert main(["profiles"]) == 0
+    assert "gb200-nvl72" in capsys.readouterr().out
+    assert main(["profiles", "h800"]) == 0
+    assert "Insights §2.3.2/§4: one 400 Gb/s CX7" in capsys.readouterr().out
