@@ -31,7 +31,8 @@ def test_kv_bytes():
     assert kv_cache_bytes_per_token(LLAMA) == 516_096
     assert kv_cache_bytes_per_token(V2) == 69_120
     assert kv_cache_bytes_per_token_layer(V3.attention, mla_mode="naive") == 128 * (192 + 128) * 2  # 81,920
-    assert kv_cache_bytes_per_token(V3, "fp8") == 35_136
+    assert kv_cache_bytes_per_token(V3, "fp8") == 61 * (512 + 4 + 64 * 2)  # e4m3 latent, fp32 scale, BF16 k_pe
+    assert kv_cache_bytes_per_token(LLAMA, "fp8") == 516_096 // 2
     with pytest.raises(ConfigError, match="cache dtype: expected one of fp32, bf16, fp16, fp8"):
         kv_cache_bytes_per_token(V3, "int4")
 
@@ -91,3 +92,12 @@ def test_parts_sum_to_total(cfg):
     assert p.total == sum([p.embedding, p.head, p.attention, p.dense_ffn, p.routed_experts, p.shared_experts,
                            p.router, p.norms])
     assert p.head == (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
+
+
+def test_fp8_latent_formula_matches_the_live_cache():
+    import torch
+
+    from dsv3ref.kv_cache import LatentCache
+
+    cache = LatentCache(1, 4, 512, 64, torch.bfloat16, "cpu", True)
+    assert cache.bytes_per_token() == kv_cache_bytes_per_token_layer(V3.attention, "fp8")

@@ -16,8 +16,8 @@ def report_json(tmp_path_factory):
     return json.loads((out / "results.json").read_text()), out
 
 
-def _value(doc, metric, subject, profile=None, method=None):
-    hits = [r for r in doc["results"] if r["metric"] == metric and r["subject"] == subject
+def _value(doc, metric, subject, profile=None, method=None, kind="analytic"):
+    hits = [r for r in doc["results"] if r["metric"] == metric and r["subject"] == subject and r["kind"] == kind
             and r["profile"] == profile and (method is None or r["method"] == method)]
     assert len(hits) == 1, (metric, subject, profile, method)
     return hits[0]["value"]

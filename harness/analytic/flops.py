@@ -41,3 +41,87 @@ def fwd_flops_per_token(cfg: ModelConfig, context: int) -> float:
     if context < 0:
         raise ConfigError(f"context: expected an integer >= 0, got {context!r}")
     return 2.0 * param_counts(cfg).activated_non_embedding + cfg.num_layers * attention_core_flops(cfg, context)
+
+
+# --- MLA (issue 3): forward FLOPs of one attention layer as executed, for FlopCounterMode to match -------------
+
+
+def attention_matrix_params(cfg: ModelConfig) -> int:
+    """One attention layer's projection-matrix parameters (attention_params less norm weights and biases)."""
+    from harness.analytic.params import attention_params
+
+    a = cfg.attention
+    if a.kind == "mla":
+        return attention_params(cfg) - a.q_lora_rank - a.kv_lora_rank
+    bias = (a.num_heads + 2 * a.num_kv_heads) * a.head_dim if a.qkv_bias else 0
+    return attention_params(cfg) - bias
+
+
+def attention_layer_fwd_flops(cfg: ModelConfig, new_tokens: int, cached_tokens: int = 0, batch: int = 1,
+                              mla_mode: str = "absorbed") -> float:
+    """Matmul FLOPs (2mnk per product, what FlopCounterMode counts) of one attention layer's forward over
+    `new_tokens` per sequence appended after `cached_tokens`, for `batch` sequences.
+
+    Projections: 2 x attention_matrix_params per new token; in absorbed MLA the W_UK / W_UV absorption costs per
+    token exactly what the naive decompression through wkv_b does. Attention: each new token scores every key,
+    keys = cached_tokens + new_tokens (entries hidden by the causal mask are computed too):
+      MHA/GQA/MQA and naive MLA: attention_core_flops = 2 x keys x heads x (qk_head_dim + v_head_dim);
+      absorbed MLA: 2 x keys x heads x (kv_lora_rank + qk_rope_head_dim + kv_lora_rank) (scores over [c; k_pe],
+      values are c itself).
+    Norms, RoPE, softmax and bias adds are not matmuls and are not counted.
+    """
+    from harness.analytic.kv_cache import MLA_MODES
+
+    for name, value, low in (("new_tokens", new_tokens, 1), ("cached_tokens", cached_tokens, 0), ("batch", batch, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"{name}: expected an integer >= {low}, got {value!r}")
+    if mla_mode not in MLA_MODES:
+        raise ConfigError(f"mla_mode: expected one of {', '.join(MLA_MODES)}, got {mla_mode!r}")
+    a, keys = cfg.attention, cached_tokens + new_tokens
+    if a.kind == "mla" and mla_mode == "absorbed":
+        attention = 2.0 * keys * a.num_heads * (2 * a.kv_lora_rank + a.qk_rope_head_dim)
+    else:
+        attention = attention_core_flops(cfg, keys)
+    return batch * new_tokens * (2.0 * attention_matrix_params(cfg) + attention)
+
+
+def attention_decode_bytes(cfg: ModelConfig, context: int, batch: int = 1, mla_mode: str = "absorbed",
+                           dtype: str = "bf16") -> float:
+    """Bytes one decode step of one attention layer reads at least: every weight once (attention_params) plus, per
+    sequence, the cache rows of its context + 1 tokens (kv_cache_bytes_per_token_layer)."""
+    from harness.analytic.kv_cache import DTYPE_BYTES, kv_cache_bytes_per_token_layer
+    from harness.analytic.params import attention_params
+
+    if isinstance(context, bool) or not isinstance(context, int) or context < 0:
+        raise ConfigError(f"context: expected an integer >= 0, got {context!r}")
+    cache = kv_cache_bytes_per_token_layer(cfg.attention, dtype, mla_mode)
+    return attention_params(cfg) * DTYPE_BYTES[dtype] + batch * (context + 1) * cache
+
+
+# --- MoE (issue 4) ---------------------------------------------------------------------------------------------
+def moe_layer_fwd_flops_per_token(cfg: ModelConfig) -> float:
+    """Forward FLOPs per token of one DeepSeekMoE layer, matmuls only (what FlopCounterMode counts): the router
+    logits (2 D E) plus three D x I matmuls for each of the k routed and the shared experts."""
+    if cfg.moe is None:
+        raise ConfigError(f"{cfg.name}: moe: a MoE layer needs a MoE config")
+    m, d = cfg.moe, cfg.hidden_size
+    return 2.0 * d * m.n_routed_experts + 6.0 * d * m.moe_intermediate_size * (m.num_experts_per_tok
+                                                                               + m.n_shared_experts)
+
+
+# --- FP8 (issue 5) ---------------------------------------------------------------------------------------------
+def gemm_flops(m: int, n: int, k: int) -> float:
+    """FLOPs of an [M, K] x [K, N] matmul: 2 M N K (a multiply and an add per product)."""
+    return 2.0 * m * n * k
+
+
+def fp8_quant_bytes(numel: int, input_bytes: int, scales: int) -> float:
+    """Bytes a quantizer moves at least: the input read once (input_bytes per element), one FP8 byte written per
+    element and one fp32 scale per tile."""
+    return float(numel * (input_bytes + 1) + 4 * scales)
+
+
+def tiled_format_bits(element_bits: int, metadata_bits_per_tile: int, tile: int = 128) -> float:
+    """Bits per element of a per-tile format: the element's bits plus its share of the tile's metadata (E4M3:
+    8 + 32/128 for one fp32 scale; LogFMT-n: n + 64/128 for the tile's fp32 min and step)."""
+    return element_bits + metadata_bits_per_tile / tile

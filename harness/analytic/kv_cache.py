@@ -6,6 +6,8 @@ from dsv3ref.config import AttentionConfig, ConfigError, ModelConfig
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
 MLA_MODES = ("absorbed", "naive")
+FP8_SCALE_BYTES = 4  # one fp32 dequantisation scale per token of an FP8 latent cache
+FP8_ROPE_KEY_DTYPE = "bf16"  # the FP8 latent cache keeps the small roped key in BF16
 
 
 def _dtype_bytes(dtype: str) -> int:
@@ -18,12 +20,15 @@ def kv_cache_bytes_per_token_layer(att: AttentionConfig, dtype: str = "bf16", ml
     """One layer's cache bytes per token.
 
     MHA/GQA/MQA: K and V of every KV head, 2 * kv_heads * head_dim elements.
-    MLA absorbed: the normalised latent c^KV plus the shared roped key k^R, kv_lora_rank + qk_rope_head_dim.
+    MLA absorbed: the normalised latent c^KV plus the shared roped key k^R, kv_lora_rank + qk_rope_head_dim; in
+      "fp8" the latent is e4m3 with one fp32 scale per token and k^R stays BF16 (dsv3ref.kv_cache.LatentCache).
     MLA naive: per-head K (nope + rope) and V, num_heads * (qk_head_dim + v_head_dim) -- the MHA-sized cache.
     """
     width = _dtype_bytes(dtype)
     if att.kind != "mla":
         return 2 * att.num_kv_heads * att.head_dim * width
+    if mla_mode == "absorbed" and dtype == "fp8":
+        return att.kv_lora_rank * width + FP8_SCALE_BYTES + att.qk_rope_head_dim * DTYPE_BYTES[FP8_ROPE_KEY_DTYPE]
     if mla_mode == "absorbed":
         return (att.kv_lora_rank + att.qk_rope_head_dim) * width
     if mla_mode == "naive":
