@@ -1,0 +1,114 @@
+"""Emulation of a limited-precision tensor-core accumulator, and of the FP32 promotion that repairs it.
+
+Accumulator model (the papers name neither the model nor the inputs; this is ours, stated so it can be checked):
+- Products of FP8 operands are exact (e4m3 x e4m3 has at most 8 significant bits).
+- The tensor core adds `group` = 32 products per step (one FP8 WGMMA has K = 32). With `align_accumulator`
+  (default; the block-FMA behaviour measured on earlier NVIDIA tensor cores) the running accumulator is one of the
+  group + 1 addends. All addends are aligned to the largest exponent among them and truncated toward zero to
+  `mantissa_bits` fraction bits below it ("uses only the highest 13 fraction bits"), then summed exactly.
+  Without it the products are aligned among themselves and their sum is added to the accumulator exactly.
+- The accumulator register holds `mantissa_bits` fraction bits (FP22 = e8m13 for 13): the sum is truncated.
+- Promotion every N_C elements (`promote_every`): the limited accumulator is added to an FP32 accumulator on
+  the CUDA cores (round to nearest even) and reset to zero.
+- FP32 accumulation (the floor): every product added to an FP32 accumulator in K order, rounding each addition.
+Inputs (`accumulation_inputs`): i.i.d. uniform [0, 1) entries scaled to the e4m3 range and rounded to e4m3, i.e.
+the FP8 data of non-negative tiles. Non-negative operands make the sum grow linearly, so the truncation error
+accumulates instead of cancelling; zero-mean operands give far smaller errors relative to sum |a b|.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dsv3ref.fp8.quant import E4M3_MAX, FP8, FP8Error
+
+WGMMA_K = 32
+METHODS = ("no-promotion", "promote-128", "fp32")
+
+
+def _floor_log2(t: np.ndarray) -> np.ndarray:
+    """floor(log2 |t|), -2000 for zeros (below every exponent that occurs)."""
+    exponent = np.frexp(t)[1] - 1  # t = m 2^e with 0.5 <= |m| < 1
+    return np.where(t == 0, -2000, exponent)
+
+
+def _truncate(t: np.ndarray, ulp_log2: np.ndarray) -> np.ndarray:
+    """t truncated toward zero to a multiple of 2^ulp_log2 (exact in float64)."""
+    return np.ldexp(np.trunc(np.ldexp(t, -ulp_log2)), ulp_log2)
+
+
+def _check_operands(a: torch.Tensor, b: torch.Tensor) -> None:
+    for name, t in (("a", a), ("b", b)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() != 2:
+            raise FP8Error(f"{name}: expected a 2-D floating-point tensor, got {getattr(t, 'shape', type(t))}")
+    if a.shape[1] != b.shape[1] or a.shape[1] == 0:
+        raise FP8Error(f"b: expected [N, K] with K = {a.shape[1]} >= 1 (a is {tuple(a.shape)}), "
+                       f"got {tuple(b.shape)}")
+
+
+def emulate_accumulation(a: torch.Tensor, b: torch.Tensor, mantissa_bits: int = 13,
+                         promote_every: int | None = None, group: int = WGMMA_K,
+                         align_accumulator: bool = True) -> torch.Tensor:
+    """C = A B^T [M, N] (float64) through the limited accumulator described in the module docstring."""
+    _check_operands(a, b)
+    if not 1 <= mantissa_bits <= 40:
+        raise FP8Error(f"mantissa_bits: expected 1..40, got {mantissa_bits}")
+    if group < 1:
+        raise FP8Error(f"group: expected >= 1, got {group}")
+    if promote_every is not None and (promote_every < group or promote_every % group):
+        raise FP8Error(f"promote_every: expected a multiple of group {group}, got {promote_every}")
+    a, b = a.double().numpy(), b.double().numpy()  # numpy: many tiny sequential steps, no thread start-up
+    k = a.shape[1]
+    acc = np.zeros((a.shape[0], b.shape[0]))
+    promoted = np.zeros_like(acc, dtype=np.float32)
+    for start in range(0, k, group):
+        products = a[:, None, start:start + group] * b[None, :, start:start + group]  # [M, N, group], exact
+        if align_accumulator:
+            terms = np.concatenate([acc[..., None], products], axis=-1)
+            total = _truncate(terms, _floor_log2(terms).max(-1, keepdims=True) - mantissa_bits).sum(-1)
+        else:
+            total = acc + _truncate(products, _floor_log2(products).max(-1, keepdims=True) - mantissa_bits).sum(-1)
+        acc = _truncate(total, _floor_log2(total) - mantissa_bits)
+        end = min(start + group, k)
+        if promote_every is not None and (end % promote_every == 0 or end == k):
+            promoted += acc.astype(np.float32)
+            acc = np.zeros_like(acc)
+    return torch.from_numpy(promoted.astype(np.float64) if promote_every is not None else acc)
+
+
+def fp32_accumulation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """C = A B^T [M, N] (float64) with each product added in K order to an FP32 accumulator (FMA chain)."""
+    _check_operands(a, b)
+    a, b = a.float().numpy(), b.float().numpy()
+    acc = np.zeros((a.shape[0], b.shape[0]), dtype=np.float32)
+    for i in range(a.shape[1]):
+        acc += a[:, i, None] * b[None, :, i]  # each product of two e4m3 values is exact in fp32
+    return torch.from_numpy(acc.astype(np.float64))
+
+
+def accumulation_inputs(m: int, n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A [M, K], B [N, K]: e4m3 values of 448 x U[0, 1), as float64 (the documented input distribution)."""
+    gen = torch.Generator().manual_seed(seed)
+    a = (torch.rand(m, k, generator=gen) * E4M3_MAX).to(FP8).double()
+    b = (torch.rand(n, k, generator=gen) * E4M3_MAX).to(FP8).double()
+    return a, b
+
+
+def max_rel_error(c: torch.Tensor, exact: torch.Tensor) -> float:
+    """max |c - exact| / |exact| over the outputs (the inputs make every exact output positive)."""
+    return float(((c.double() - exact) / exact).abs().max())
+
+
+def accumulation_errors(k: int, mantissa_bits: int = 13, m: int = 32, n: int = 32, seed: int = 0,
+                        align_accumulator: bool = True) -> dict[str, float]:
+    """Max relative error of each method in METHODS against the exact float64 product, at inner dim `k`."""
+    a, b = accumulation_inputs(m, n, k, seed)
+    exact = a @ b.mT  # every partial sum is an integer multiple of 2^-18 below 2^53: exact in float64
+    return {
+        "no-promotion": max_rel_error(emulate_accumulation(a, b, mantissa_bits, None,
+                                                           align_accumulator=align_accumulator), exact),
+        "promote-128": max_rel_error(emulate_accumulation(a, b, mantissa_bits, 128,
+                                                          align_accumulator=align_accumulator), exact),
+        "fp32": max_rel_error(fp32_accumulation(a, b), exact),
+    }
