@@ -6,6 +6,7 @@ Exit codes: 0 success, 2 bad usage or input (one line on stderr, no traceback), 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -39,8 +40,7 @@ def _load_model(spec: str) -> ModelConfig:
 def cmd_report(args: argparse.Namespace) -> int:
     models = [ModelConfig.preset(n) for n in DEFAULT_MODELS] + [_load_model(s) for s in args.model]
     declared = [load_profile(n) for n in (args.profile or profile_names()) if n != "local"]  # validated first
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)  # every measurement records this count
     device = "cuda" if torch.cuda.is_available() else "cpu"
     progress_to_stderr("probing the local machine ...")
     local = load_profile("local")
@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--model", action="append", default=[], metavar="PRESET|PATH",
                      help="add a model: a preset name or a JSON/TOML config (ours or a Hugging Face config.json)")
     rep.add_argument("--full", action="store_true", help="add every registered experiment and benchmark (minutes)")
-    rep.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    rep.add_argument("--threads", type=int, default=0, help="torch CPU threads for measurements (default: all cores)")
     rep.set_defaults(func=cmd_report)
     prof = sub.add_parser("profiles", help="list the hardware profiles, or show one with its sources")
     prof.add_argument("name", nargs="?", metavar="NAME|PATH", help="a profile to show (`local` probes this machine)")

@@ -29,6 +29,10 @@ MARKERS = {
     "dsv3_component(name)": "the component whose implementations the `impl` fixture iterates",
 }
 
+if not torch.cuda.is_available():
+    # Triton picks its backend when first imported: without CUDA, kernels run through the interpreter.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 settings.register_profile("ci", derandomize=True, max_examples=15, deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("dev", max_examples=30, deadline=None,

@@ -1,1 +1,1 @@
-"""The product's suites: conformance (hypothesis) and performance (pytest-benchmark), run with pytest --pyargs suites."""
+"""The product's suites: conformance (hypothesis) and performance (pytest-benchmark); `pytest --pyargs suites`."""

@@ -7,12 +7,20 @@ import json
 import pytest
 
 from harness.cli import main
+from harness.report import render
+from harness.report_sections import Table
+from harness.results import Record
+
+USER_MODEL = ('vocab_size = 100\nhidden_size = 64\nnum_layers = 2\nintermediate_size = 128\n'
+              '[attention]\nkind = "mqa"\nnum_heads = 8\n')
 
 
 @pytest.fixture(scope="module")
 def report_json(tmp_path_factory):
+    """One full quick report (every section runs once for the whole module), with a user model added."""
     out = tmp_path_factory.mktemp("report")
-    assert main(["report", "--format", "json", "--out", str(out)]) == 0
+    (out / "mine.toml").write_text(USER_MODEL)
+    assert main(["report", "--format", "json", "--out", str(out), "--model", str(out / "mine.toml")]) == 0
     return json.loads((out / "results.json").read_text()), out
 
 
@@ -48,19 +56,21 @@ def test_report_writes_markdown_and_flags_the_papers_inconsistencies(report_json
     assert "## EP-communication bound on TPOT" in md
 
 
+def test_user_model_is_added(report_json):
+    doc, _ = report_json
+    assert _value(doc, "kv_cache_bytes_per_token", "mine") == 2 * 2 * 1 * 8 * 2  # layers x K,V x 1 head x 8 x 2 B
+
+
 @pytest.mark.parametrize("fmt", ["text", "github", "latex", "csv"])
-def test_other_formats(capsys, fmt):
-    assert main(["report", "--format", fmt, "--profile", "h800"]) == 0
-    out = capsys.readouterr().out
-    assert "70,272" in out or "70272" in out
-
-
-def test_user_model_is_added(capsys, tmp_path):
-    path = tmp_path / "mine.toml"
-    path.write_text('vocab_size = 100\nhidden_size = 64\nnum_layers = 2\nintermediate_size = 128\n'
-                    '[attention]\nkind = "mqa"\nnum_heads = 8\n')
-    assert main(["report", "--format", "csv", "--profile", "h800", "--model", str(path)]) == 0
-    assert "kv_cache_bytes_per_token,mine,,analytic,64," in capsys.readouterr().out  # 2 layers x 2 x 8 x 2 B
+def test_every_format_renders_every_table(report_json, fmt):
+    doc, _ = report_json
+    records = [Record.from_dict(r) for r in doc["results"]]
+    table = Table("KV", ["model", "bytes"], [["deepseek-v3-671b", "70,272"]], records, ["a note"])
+    out = render([table], doc["env"], fmt)
+    if fmt == "csv":
+        assert out.count("\n") == len(records) + 1 and "kv_cache_bytes_per_token,deepseek-v3-671b," in out
+    else:
+        assert "70,272" in out and "a note" in out
 
 
 @pytest.mark.parametrize(("argv", "message"), [

@@ -7,7 +7,8 @@ for training). Attention adds the score and value products, which depend on how 
 from __future__ import annotations
 
 from dsv3ref.config import ConfigError, ModelConfig
-from harness.analytic.params import param_counts
+from harness.analytic.kv_cache import DTYPE_BYTES, MLA_MODES, kv_cache_bytes_per_token_layer
+from harness.analytic.params import attention_params, param_counts
 
 TRAIN_METHODS = ("exact", "paper-table2")
 
@@ -48,8 +49,6 @@ def fwd_flops_per_token(cfg: ModelConfig, context: int) -> float:
 
 def attention_matrix_params(cfg: ModelConfig) -> int:
     """One attention layer's projection-matrix parameters (attention_params less norm weights and biases)."""
-    from harness.analytic.params import attention_params
-
     a = cfg.attention
     if a.kind == "mla":
         return attention_params(cfg) - a.q_lora_rank - a.kv_lora_rank
@@ -70,8 +69,6 @@ def attention_layer_fwd_flops(cfg: ModelConfig, new_tokens: int, cached_tokens: 
       values are c itself).
     Norms, RoPE, softmax and bias adds are not matmuls and are not counted.
     """
-    from harness.analytic.kv_cache import MLA_MODES
-
     for name, value, low in (("new_tokens", new_tokens, 1), ("cached_tokens", cached_tokens, 0), ("batch", batch, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ConfigError(f"{name}: expected an integer >= {low}, got {value!r}")
@@ -89,9 +86,6 @@ def attention_decode_bytes(cfg: ModelConfig, context: int, batch: int = 1, mla_m
                            dtype: str = "bf16") -> float:
     """Bytes one decode step of one attention layer reads at least: every weight once (attention_params) plus, per
     sequence, the cache rows of its context + 1 tokens (kv_cache_bytes_per_token_layer)."""
-    from harness.analytic.kv_cache import DTYPE_BYTES, kv_cache_bytes_per_token_layer
-    from harness.analytic.params import attention_params
-
     if isinstance(context, bool) or not isinstance(context, int) or context < 0:
         raise ConfigError(f"context: expected an integer >= 0, got {context!r}")
     cache = kv_cache_bytes_per_token_layer(cfg.attention, dtype, mla_mode)

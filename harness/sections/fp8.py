@@ -40,12 +40,6 @@ GEMM_SHAPES = {"cpu": ((576, 7168), (7168, 2048)), "cuda": ((2112, 7168), (4096,
 HIDDEN = 7168
 
 
-def threads() -> int:
-    """The torch CPU threads the measurements run with: pinned by `dsv3 report --threads`, else torch's default
-    (recorded with every measured record)."""
-    return torch.get_num_threads()
-
-
 # --- quick: LogFMT ---------------------------------------------------------------------------------------------
 @section("fp8_formats", "Communication formats: LogFMT-nBit round trip", order=16, quick=True)
 def run_formats(ctx: ReportContext) -> list[Table]:
@@ -143,7 +137,7 @@ def bench_impls(device: str) -> list[tuple[str, object]]:
 
 
 def kernel_table(ctx: ReportContext, local: Profile) -> Table:
-    n_threads = threads()
+    n_threads = torch.get_num_threads()
     rows, records = [], []
     for name, impl in bench_impls(ctx.device):
         ctx.progress(f"fp8 kernels: {name}")
@@ -177,7 +171,7 @@ def kernel_table(ctx: ReportContext, local: Profile) -> Table:
 
 # --- full: FP8 vs BF16 training --------------------------------------------------------------------------------
 def training_table(ctx: ReportContext) -> Table:
-    n_threads = threads()
+    n_threads = torch.get_num_threads()
     mode, cfg = experiment_mode(), experiment_config()
     results = fp8_vs_bf16(mode, cfg, progress=ctx.progress)
     seeds = [r.seed for r in results]

@@ -76,11 +76,6 @@ def real_layer(cfg: ModelConfig, weights: dict[str, torch.Tensor], mode: str) ->
     return layer
 
 
-def _threads() -> int:
-    torch.set_num_threads(os.cpu_count() or 1)
-    return torch.get_num_threads()
-
-
 # --- quick: measured cache bytes and FLOPs ----------------------------------------------------------------------
 
 
@@ -180,7 +175,6 @@ def _flops_table(measured: list[LayerMeasurement]) -> Table:
 
 @section("mla", "MLA: measured KV cache and layer FLOPs", order=12, quick=True)
 def run_quick(ctx: ReportContext) -> list[Table]:
-    _threads()
     measured = _measure_all(ctx)
     return [_cache_table(measured), _flops_table(measured)]
 
@@ -359,7 +353,7 @@ def _records(ctx: ReportContext, cfg: ModelConfig, bench: DecodeBench, times: di
 
 @section("mla_decode", "MLA decode step: absorbed vs naive vs transformers", order=62, quick=False)
 def run_full(ctx: ReportContext) -> list[Table]:
-    threads = _threads()
+    threads = torch.get_num_threads()
     cfg = next((m for m in ctx.models if m.name == FULL_REFERENCE), ModelConfig.preset(FULL_REFERENCE))
     rows, records, notes = _decode_rows(ctx, cfg, threads)
     for r in records:

@@ -47,11 +47,6 @@ CURVE_STEPS = (1, 10, 25, 50, 75, 100, 125, 150, 200, 250, 300)
 MEASURE_TOKENS = 2
 
 
-def _threads() -> int:
-    torch.set_num_threads(os.cpu_count() or 1)
-    return torch.get_num_threads()
-
-
 # --- quick: parameters touched and FLOPs counted ----------------------------------------------------------------
 def _flatten(value: Any) -> Iterator[Any]:
     if isinstance(value, (list, tuple)):
@@ -138,7 +133,7 @@ def _non_moe_activated(cfg: ModelConfig) -> int:
 
 def _counts_table(ctx: ReportContext) -> Table:
     rows, records = [], []
-    threads = _threads()
+    threads = torch.get_num_threads()
     for cfg in (m for m in ctx.models if m.moe is not None):
         ctx.progress(f"moe: counting one {cfg.name} MoE layer's forward ...")
         layer = count_moe_layer(cfg)
@@ -290,7 +285,7 @@ def speed_records(bench: SpeedBench, tokens: int, timings: dict[str, Timing], ct
 
 
 def _speed_table(ctx: ReportContext) -> Table:
-    threads = _threads()
+    threads = torch.get_num_threads()
     ctx.progress(f"moe: building the {MID_CFG.name} layer (64 experts, top-6, hidden 1024, expert 512) ...")
     bench = SpeedBench(device=ctx.device)
     others = [n for n in bench.modules if n != "grouped"]
