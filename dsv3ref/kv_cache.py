@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
+from dsv3ref.fp8.quant import FP8, scale_from_amax
+
 BLOCK_SIZE = 64
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
-FP8_AMAX_FLOOR = 1e-4  # the official act_quant clamp: an all-zero token gets a tiny finite scale
 
 
 class CacheError(ValueError):
@@ -130,9 +130,8 @@ def attend_heads(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allo
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., w] -> (float8_e4m3fn [..., w], fp32 scale [...]) with one scale amax / 448 per token."""
-    amax = x.abs().amax(dim=-1).float().clamp(min=FP8_AMAX_FLOOR)
-    scale = amax / FP8_MAX
-    return (x.float() / scale[..., None]).to(torch.float8_e4m3fn), scale
+    scale = scale_from_amax(x.abs().amax(dim=-1))  # the 1x128 quantizer's rule, over a whole token
+    return (x.float() / scale[..., None]).to(FP8), scale
 
 
 def dequantize_per_token(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dsv3ref.fp8.quant import AMAX_EPS, E4M3_MAX
 from dsv3ref.kv_cache import (
-    FP8_AMAX_FLOOR,
-    FP8_MAX,
     CacheError,
     KVCache,
     LatentCache,
@@ -108,8 +107,8 @@ def test_true_sizes(dtype, width):
 def test_fp8_round_trip_bounds():
     x = torch.randn(64, 128) * torch.logspace(-3, 3, 64)[:, None]
     q, scale = quantize_per_token(x)
-    assert torch.equal(scale, x.abs().amax(-1) / FP8_MAX)
-    assert torch.equal(q.float().abs().amax(-1), torch.full((64,), FP8_MAX))  # the amax maps onto 448
+    assert torch.equal(scale, x.abs().amax(-1) / E4M3_MAX)
+    assert torch.equal(q.float().abs().amax(-1), torch.full((64,), E4M3_MAX))  # the amax maps onto 448
     err = (dequantize_per_token(q, scale, torch.float32) - x).abs()
     # e4m3: 3 mantissa bits -> relative error <= 2^-4 for normals; subnormal step 2^-9 of the scale
     assert torch.all(err <= torch.maximum(2**-4 * x.abs(), 2**-10 * scale[:, None]) * (1 + 1e-6))
@@ -117,7 +116,7 @@ def test_fp8_round_trip_bounds():
 
 def test_fp8_all_zero_token_stays_finite():
     q, scale = quantize_per_token(torch.zeros(2, 8))
-    assert torch.equal(scale, torch.full((2,), FP8_AMAX_FLOOR / FP8_MAX))
+    assert torch.equal(scale, torch.full((2,), AMAX_EPS / E4M3_MAX))
     assert torch.count_nonzero(dequantize_per_token(q, scale, torch.bfloat16)) == 0
 
 
