@@ -19,6 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from baselines.attention import Attention
 from dsv3ref.config import ModelConfig
+from dsv3ref.fp8 import calc_diff
 from dsv3ref.kv_cache import LatentCache, Span
 from dsv3ref.mla import MLA, MODES
 from dsv3ref.rope import to_half_layout
@@ -277,14 +278,13 @@ class DecodeBench:
         return attention_decode_bytes(self.cfg, self.context, self.batch, "naive" if name == "naive" else "absorbed")
 
     def agreement(self) -> dict[str, float]:
-        """calc_diff of each MLA step's output against absorbed's (1 - 2 sum xy / sum(x^2 + y^2))."""
-        ref = self.steps["absorbed"]().double()
+        """calc_diff of each MLA step's output against absorbed's (DeepGEMM's metric)."""
+        ref = self.steps["absorbed"]()
         out = {}
         for name, step in self.steps.items():
             if self.baseline is not None and name == self.baseline.attention.kind:
                 continue
-            y = step().double()
-            out[name] = float(1 - 2 * (ref * y).sum() / (ref * ref + y * y).sum())
+            out[name] = calc_diff(ref, step())
         return out
 
 
