@@ -31,6 +31,7 @@ from harness.results import Record
 ACCUM_KS = (512, 1024, 2048, 4096, 8192)
 ACCUM_BITS = (13, 14)
 PAPER_K = 4096
+SPREAD_SEEDS = (0, 1, 2)
 LOGFMT_SHAPE = (256, 1024)  # tokens x hidden of the synthetic activations
 FORMAT_BITS = {"logfmt-8": tiled_format_bits(8, 64), "logfmt-10": tiled_format_bits(10, 64),
                "e4m3": tiled_format_bits(8, 32), "e5m2": tiled_format_bits(8, 32), "bf16": 16.0}
@@ -75,20 +76,27 @@ def accumulation_table(ctx: ReportContext) -> Table:
                                       kind="measured", method=method, paper=with_paper,
                                       extra={"K": k, "mantissa_bits": bits, "M": 32, "N": 32, "seed": 0,
                                              "group": WGMMA_K, "promote_every": 128 if method == "promote-128"
-                                             else None, "model": "aligned-with-accumulator"}))
+                                             else None, "model": "aligned-with-accumulator",
+                                             "inputs": "fp8(N(0,1)) 1x128 x 128x128",
+                                             "error": "max|C-exact|/max|exact|"}))
             rows.append([k, bits, f"{errors['no-promotion']:.2e}", f"{errors['promote-128']:.2e}",
                          f"{errors['fp32']:.2e}", num(errors["no-promotion"] / errors["promote-128"], 0) + "x"])
     alt = {bits: accumulation_errors(PAPER_K, bits, align_accumulator=False) for bits in ACCUM_BITS}
+    spread = {bits: [accumulation_errors(PAPER_K, bits, seed=s)["no-promotion"] for s in SPREAD_SEEDS]
+              for bits in ACCUM_BITS}
     notes = [
         "accumulator model: exact FP8 products, 32 per step (one WGMMA); each step aligns the 32 products and the "
-        "running sum to their largest exponent and truncates below `mantissa bits` fraction bits; the sum is "
-        "truncated to that width (FP22 = e8m13 for 13); promote-128 adds the partial sum to an FP32 accumulator "
-        "every 128 elements and resets it; fp32 adds every product in K order with round-to-nearest",
-        "inputs: 32 x K and 32 x K of e4m3(448 U[0,1)) (FP8 data of non-negative tiles, seed 0); error = "
-        "max over the 32 x 32 outputs of |C - exact| / exact; non-negative inputs let truncation errors add up",
-        "products aligned among themselves only (the running sum added exactly afterwards), K = 4096: no-promotion "
-        + ", ".join(f"{b} bits {alt[b]['no-promotion']:.2e}" for b in ACCUM_BITS) + "; promote-128 "
-        + ", ".join(f"{b} bits {alt[b]['promote-128']:.2e}" for b in ACCUM_BITS),
+        "running sum to their largest exponent by a sign-filling right shift that keeps `mantissa bits` fraction "
+        "bits (toward -inf); their exact sum is truncated toward zero to that width (FP22 = e8m13 for 13); "
+        "promote-128 adds the partial sum to an FP32 accumulator every 128 elements and resets it; fp32 adds every "
+        "product in K order with round-to-nearest",
+        "inputs: the FP8 data of 32 x K N(0, 1) in 1x128 tiles times 32 x K N(0, 1) in 128x128 blocks (seed 0); "
+        "error = max |C - exact| / max |exact| over the 32 x 32 outputs",
+        f"K = {PAPER_K}, no-promotion over seeds {', '.join(map(str, SPREAD_SEEDS))}: "
+        + "; ".join(f"{b} bits {min(v):.2e} - {max(v):.2e}" for b, v in spread.items()),
+        f"products aligned among themselves only (the running sum added exactly afterwards), K = {PAPER_K}: "
+        "no-promotion " + ", ".join(f"{b} bits {alt[b]['no-promotion']:.2e}" for b in ACCUM_BITS)
+        + "; promote-128 " + ", ".join(f"{b} bits {alt[b]['promote-128']:.2e}" for b in ACCUM_BITS),
     ]
     if ref:
         notes.append(f"paper ({ref.source}): {ref.value:.0%} at K = {PAPER_K} without promotion; it names neither "
