@@ -6,28 +6,34 @@ with a bias, the max without; the other groups masked with -inf), which is node-
 nodes; gate weights gathered from the unbiased scores, normalised (`norm_topk_prob`) and times `route_scale`.
 
 The routed experts run two ways over the same weights: `reference`, the obvious per-expert loop, and `grouped`,
-which sorts the (token, slot) pairs by expert once and runs one batched computation per expert group
-(`torch.nn.functional.grouped_mm` over stacked weights, or each expert's matmuls once over its contiguous
-segment), then scatters back with the weights.
+which sorts the (token, slot) pairs by expert once and runs one batched computation per expert group, then
+scatters back with the weights. The grouped path has four matmul backends: `grouped_mm`
+(`torch.nn.functional.grouped_mm` over stacked weights, X W^T per expert), `grouped_mm_t` (the same on the
+transposed problem, W X^T: each weight is the left operand, which the CPU kernel streams faster when an expert has
+few tokens), `padded` (one `torch.bmm` over the experts, each expert's tokens padded to the largest count: every
+weight is read once, in one call) and `segments` (each expert's matmuls once over its contiguous segment).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dsv3ref.config import ConfigError, ModelConfig, MoEConfig
-from dsv3ref.layers import MLP
+from dsv3ref.layers import MLP, swiglu
 
 PRECISIONS = ("bf16", "fp32")
 IMPLS = ("reference", "grouped")
-GEMMS = ("auto", "grouped_mm", "segments")
+GEMMS = ("auto", "grouped_mm", "grouped_mm_t", "padded", "segments")
 _BELOW_FP32 = (torch.bfloat16, torch.float16)
 GROUPED_MM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-CPU_GROUPED_MM_ROWS = 64
+# CPU thresholds of `auto` on mean rows per expert (N k / E), measured on the moe-mid benchmark layer (bf16):
+# grouped_mm_t below the first, padded up to the second, grouped_mm up to the third, segments from there on
+CPU_GEMM_ROWS = (1.25, 64.0, 160.0)
 
 
 class MoEInputError(ValueError):
@@ -139,15 +145,36 @@ def grouped_mm_supported(dtype: torch.dtype, dims: tuple[int, ...]) -> bool:
 def default_gemm(device: torch.device, dtype: torch.dtype, dims: tuple[int, ...], rows_per_expert: float) -> str:
     """The grouped path's matmul backend for `auto` (`segments` wherever grouped_mm cannot run, e.g. fp64).
 
-    CUDA: `grouped_mm` for bf16. CPU: `grouped_mm` for small batches (< CPU_GROUPED_MM_ROWS rows per expert on
-    average), where torch 2.13's kernel beat per-segment matmuls on the moe-mid benchmark layer, while
-    per-segment matmuls won above ~70 rows.
+    CUDA: `grouped_mm` for bf16. CPU (torch 2.13's grouped_mm loops over the groups, one mm each), by rows per
+    expert against CPU_GEMM_ROWS: `grouped_mm_t` while few experts are hit (weights as the left operand stream
+    fastest), `padded` while most are hit by a few tokens each (the batch is bound by reading the weights, which
+    one bmm does at memory speed), `grouped_mm` for mid-size segments and `segments` for large ones, whose
+    working set stays in cache.
     """
     if not grouped_mm_supported(dtype, dims):
         return "segments"
     if device.type == "cuda":
         return "grouped_mm" if dtype == torch.bfloat16 else "segments"
-    return "grouped_mm" if rows_per_expert < CPU_GROUPED_MM_ROWS else "segments"
+    backends = ("grouped_mm_t", "padded", "grouped_mm")
+    return next((b for b, limit in zip(backends, CPU_GEMM_ROWS, strict=True) if rows_per_expert < limit), "segments")
+
+
+def _aligned_rows(t: torch.Tensor) -> torch.Tensor:
+    """A copy of t [R, C] whose row stride is a multiple of 16 bytes (grouped_mm's rule), C itself any size."""
+    per_16 = max(16 // t.itemsize, 1)
+    out = t.new_empty(t.shape[0], -(-t.shape[1] // per_16) * per_16)[:, : t.shape[1]]
+    return out.copy_(t)
+
+
+@dataclass(frozen=True)
+class _Pairs:
+    """The N*k (token, slot) pairs sorted by expert: each pair's token, expert and routing weight [N*k, 1], and
+    the pairs per expert [E]."""
+
+    tokens: torch.Tensor
+    experts: torch.Tensor
+    scale: torch.Tensor
+    counts: torch.Tensor
 
 
 class MoE(nn.Module):
@@ -206,50 +233,82 @@ class MoE(nn.Module):
         """Sort the N*k (token, slot) pairs by expert once; run each expert once on its segment of rows, with the
         routing weight folded into the [rows, I] activation; add the results back into their tokens' rows."""
         flat = indices.flatten()  # [N*k]
+        if flat.numel() == 0:
+            return torch.zeros_like(x)
         order = flat.argsort(stable=True)
-        tokens = order // self.topk  # [N*k], the token of each sorted pair
-        scale = weights.flatten()[order].unsqueeze(-1)  # [N*k, 1]
-        counts = torch.bincount(flat, minlength=self.n_experts)
+        pairs = _Pairs(tokens=order // self.topk, experts=flat[order], scale=weights.flatten()[order].unsqueeze(-1),
+                       counts=torch.bincount(flat, minlength=self.n_experts))
         gemm = self.gemm
-        if gemm == "auto":  # grouped_mm only for inference with plain nn.Linear experts (see _grouped_mm)
+        if gemm == "auto":  # stacked weights only for inference with plain nn.Linear experts (see _grouped_mm)
             eligible = not torch.is_grad_enabled() and self._plain_linears()
             rows = flat.numel() / self.n_experts
             gemm = default_gemm(x.device, x.dtype, (self.dim, self.inter), rows) if eligible else "segments"
-        run = self._segments if gemm == "segments" else self._grouped_mm
-        return run(x, tokens, scale, counts)
+        if gemm != "segments" and not self._plain_linears():
+            raise ConfigError(f"gemm: {gemm!r} multiplies raw weights but the experts' linears are not plain "
+                              "nn.Linear (converted, e.g. to FP8); use gemm 'segments' or 'auto'")
+        run = {"segments": self._segments, "grouped_mm": self._grouped_mm, "grouped_mm_t": self._grouped_mm_t,
+               "padded": self._padded}[gemm]
+        return run(x, pairs)
 
-    def _segments(self, x: torch.Tensor, tokens: torch.Tensor, scale: torch.Tensor,
-                  counts: torch.Tensor) -> torch.Tensor:
-        """Each expert's three matmuls once over its contiguous segment of sorted pairs."""
+    def _segments(self, x: torch.Tensor, p: _Pairs) -> torch.Tensor:
+        """Each expert's three matmuls once over its contiguous segment of sorted pairs (calls the modules)."""
         y, start = torch.zeros_like(x), 0
-        for expert, rows in zip(self.experts, counts.tolist(), strict=True):
+        for expert, rows in zip(self.experts, p.counts.tolist(), strict=True):
             if rows == 0:
                 continue
             seg = slice(start, start + rows)
-            xe = x.index_select(0, tokens[seg])  # [rows, D]
-            y.index_add_(0, tokens[seg], expert.w2(F.silu(expert.w1(xe)) * expert.w3(xe) * scale[seg]))
+            xe = x.index_select(0, p.tokens[seg])  # [rows, D]
+            y.index_add_(0, p.tokens[seg], expert.w2(swiglu(expert.w1(xe), expert.w3(xe), p.scale[seg])))
             start += rows
         return y
 
-    def _grouped_mm(self, x: torch.Tensor, tokens: torch.Tensor, scale: torch.Tensor,
-                    counts: torch.Tensor) -> torch.Tensor:
-        """Two grouped matmuls over all experts at once (w1|w3 stacked), segments delimited by row offsets.
-
-        It multiplies the raw expert weights, so experts whose linears were replaced (e.g. by FP8 layers) must run
-        as `segments`, which calls the modules.
-        """
-        if not self._plain_linears():
-            raise ConfigError("gemm: 'grouped_mm' multiplies raw weights but the experts' linears are not plain "
-                              "nn.Linear (converted, e.g. to FP8); use gemm 'segments' or 'auto'")
-        if not grouped_mm_supported(x.dtype, (self.dim, self.inter)):
-            raise MoEInputError(f"x: gemm 'grouped_mm' needs bf16/fp16/fp32 and rows of 16-byte multiples (hidden "
-                                f"{self.dim}, expert width {self.inter}); got {x.dtype}")
-        w13, w2 = self._stacked_weights(counts.nonzero().flatten().tolist())
-        offs = counts.cumsum(0).to(torch.int32)
-        xs = x.index_select(0, tokens)  # [N*k, D], rows grouped by expert
+    def _grouped_mm(self, x: torch.Tensor, p: _Pairs) -> torch.Tensor:
+        """Two grouped matmuls (w1|w3 stacked) over the experts from the first to the last hit one (a view of the
+        weight stack; the CPU kernel runs one mm per group, empty or not), segments delimited by row offsets."""
+        self._check_grouped_mm(x, "grouped_mm")
+        w13, w2, lo, hi = self._hit_range(p.counts)
+        offs = p.counts[lo:hi].cumsum(0).to(torch.int32)
+        xs = x.index_select(0, p.tokens)  # [N*k, D], rows grouped by expert
         gate, up = F.grouped_mm(xs, w13.transpose(-2, -1), offs=offs).chunk(2, dim=-1)  # [N*k, I] each
-        out = F.grouped_mm(F.silu(gate) * up * scale, w2.transpose(-2, -1), offs=offs)  # [N*k, D]
-        return torch.zeros_like(x).index_add_(0, tokens, out)
+        out = F.grouped_mm(swiglu(gate, up, p.scale), w2.transpose(-2, -1), offs=offs)  # [N*k, D]
+        return torch.zeros_like(x).index_add_(0, p.tokens, out)
+
+    def _grouped_mm_t(self, x: torch.Tensor, p: _Pairs) -> torch.Tensor:
+        """The transposed problem in two grouped matmuls, W [2I, D] @ X^T [D, rows] per expert (offsets along the
+        columns): the CPU kernel streams a weight faster as the left operand than as a transposed right one."""
+        self._check_grouped_mm(x, "grouped_mm_t")
+        w13, w2, lo, hi = self._hit_range(p.counts)
+        offs = p.counts[lo:hi].cumsum(0).to(torch.int32)
+        xt = _aligned_rows(x.index_select(0, p.tokens).T)  # [D, N*k], columns grouped by expert
+        gate, up = F.grouped_mm(w13, xt, offs=offs).chunk(2, dim=0)  # [I, N*k] each
+        out = F.grouped_mm(w2, _aligned_rows(swiglu(gate, up)), offs=offs)  # [D, N*k]
+        return torch.zeros_like(x).index_add_(0, p.tokens, out.T * p.scale)
+
+    def _check_grouped_mm(self, x: torch.Tensor, gemm: str) -> None:
+        if not grouped_mm_supported(x.dtype, (self.dim, self.inter)):
+            raise MoEInputError(f"x: gemm {gemm!r} needs bf16/fp16/fp32 and rows of 16-byte multiples (hidden "
+                                f"{self.dim}, expert width {self.inter}); got {x.dtype}")
+
+    def _padded(self, x: torch.Tensor, p: _Pairs) -> torch.Tensor:
+        """Two bmm over the experts from the first to the last hit one, each expert's tokens as the columns of a
+        [D, R] block zero-padded to the largest count R: W [2I, D] @ X [D, R] reads every weight once."""
+        w13, w2, lo, hi = self._hit_range(p.counts)
+        starts = p.counts.cumsum(0) - p.counts
+        slot = torch.arange(p.tokens.numel(), device=x.device) - starts[p.experts]  # pair's column in its block
+        expert = p.experts - lo
+        xp = x.new_zeros(hi - lo, self.dim, int(p.counts.max()))  # [E', D, R]
+        xp[expert, :, slot] = x.index_select(0, p.tokens)
+        gate, up = torch.bmm(w13, xp).chunk(2, dim=1)  # [E', I, R] each
+        out = torch.bmm(w2, swiglu(gate, up))  # [E', D, R]
+        return torch.zeros_like(x).index_add_(0, p.tokens, out[expert, :, slot] * p.scale)  # [N*k, D] gathered
+
+    def _hit_range(self, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """Views w13 [E', 2I, D] and w2 [E', D, I] of the weight stack over experts lo..hi-1, the first to the last
+        expert with tokens (the others' weights are never read)."""
+        hit = counts.nonzero().flatten()
+        lo, hi = int(hit[0]), int(hit[-1]) + 1
+        w13, w2 = self._stacked_weights(hit.tolist())
+        return w13[lo:hi], w2[lo:hi], lo, hi
 
     def _plain_linears(self) -> bool:
         """Whether the experts' w1/w2/w3 are plain nn.Linear (conversions swap them by name, so expert 0 tells)."""
@@ -258,7 +317,7 @@ class MoE(nn.Module):
 
     def _stacked_weights(self, hit: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Expert weights stacked as w13 [E, 2I, D] (w1 above w3) and w2 [E, D, I], current for the `hit` experts
-        (grouped_mm reads no other expert's weights).
+        (only their outputs are used: another expert's stale slice only meets zero rows or unread columns).
 
         When gradients are needed all are stacked on every forward (differentiable; `auto` then prefers segments,
         which need no copy). Otherwise the stack is kept

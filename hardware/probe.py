@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Callable
 from functools import cache
 
 import torch
@@ -16,7 +17,8 @@ from hardware.profile import Profile
 from hardware.timing import time_fn
 
 COPY_BYTES = 256 * 2**20
-MATMUL_N = 1024
+# square matmul size: 2048 on CPUs (AMX/AVX-512 reach their peak there; 1024 stays ~half of it), 4096 on GPUs
+MATMUL_N = {"cpu": 2048, "cuda": 4096}
 
 
 def cpu_model() -> str:
@@ -39,14 +41,20 @@ def measure_copy_GBps(device: str) -> tuple[float, str]:
     return 2 * COPY_BYTES / t.median / 1e9, f"measured: copy of {COPY_BYTES >> 20} MiB fp32, median of {len(t.samples)}"
 
 
-def measure_matmul_TFLOPS(device: str, dtype: torch.dtype) -> tuple[float, str]:
-    """Dense matmul throughput for an n x n x n product in `dtype`."""
-    n = MATMUL_N * (4 if device == "cuda" else 1)
+def matmul_case(device: str, dtype: torch.dtype) -> tuple[Callable[[], torch.Tensor], float, str]:
+    """The probe's dense matmul: (a callable running it, its FLOPs 2n^3, a description). Shared with benchmarks
+    that time it side by side with their workload, so both see the same machine state."""
+    n = MATMUL_N["cuda" if device == "cuda" else "cpu"]
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    t = time_fn(lambda: a @ b, device=device, warmup=2, min_reps=5, min_time_s=0.3)
-    name = str(dtype).removeprefix("torch.")
-    return 2 * n**3 / t.median / 1e12, f"measured: {n}^3 {name} matmul, median of {len(t.samples)}"
+    return (lambda: a @ b), 2.0 * n**3, f"{n}^3 {str(dtype).removeprefix('torch.')} matmul"
+
+
+def measure_matmul_TFLOPS(device: str, dtype: torch.dtype) -> tuple[float, str]:
+    """Dense matmul throughput of `matmul_case` in `dtype`."""
+    fn, flops, what = matmul_case(device, dtype)
+    t = time_fn(fn, device=device, warmup=2, min_reps=5, min_time_s=0.3)
+    return flops / t.median / 1e12, f"measured: {what}, median of {len(t.samples)}"
 
 
 @cache

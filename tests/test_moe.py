@@ -64,13 +64,23 @@ def test_grouped_equals_loop_in_float64(cfg, seed, n):
         assert torch.equal(grouped.last_indices, loop.last_indices)
 
 
-@given(configs(), st.integers(0, 2**31 - 1), st.integers(1, 40))
-def test_grouped_mm_backend_equals_segments_in_float32(cfg, seed, n):
+@given(configs(), st.integers(0, 2**31 - 1), st.integers(1, 40),
+       st.sampled_from(["grouped_mm", "grouped_mm_t", "padded"]))
+def test_stacked_weight_backends_equal_segments_in_float32(cfg, seed, n, gemm):
     # Same products, different kernels: fp32 matmul rounding (2^-24 per add over <= 64 terms) stays below 1e-5.
     segments = layer(cfg, seed, torch.float32, gemm="segments")
-    grouped_mm = copy_of(segments, gemm="grouped_mm")
+    other = copy_of(segments, gemm=gemm)
     x = torch.randn(n, cfg.hidden_size)
-    assert rel_err(grouped_mm(x), segments(x)) <= 1e-5
+    assert rel_err(other(x), segments(x)) <= 1e-5
+
+
+@given(configs(), st.integers(0, 2**31 - 1), st.integers(1, 24))
+def test_padded_backend_equals_loop_in_float64(cfg, seed, n):
+    # bmm runs in fp64 too: the zero padding adds exact zeros, so padded == loop to 1e-12 like the other paths.
+    padded = layer(cfg, seed, gemm="padded")
+    loop = copy_of(padded, impl="reference")
+    x = torch.randn(n, cfg.hidden_size, dtype=torch.float64)
+    assert rel_err(padded(x), loop(x)) <= 1e-12
 
 
 @given(st.integers(0, 2**31 - 1), st.integers(1, 32))
@@ -92,7 +102,7 @@ def test_grouped_bf16_error_within_the_loop_error(seed, n):
     assert err <= 2 * err_loop + 1e-3 * truth.abs().max().item()
 
 
-@pytest.mark.parametrize("gemm", ["segments", "grouped_mm"])
+@pytest.mark.parametrize("gemm", ["segments", "grouped_mm", "grouped_mm_t", "padded"])
 def test_grouped_gradients_equal_the_loop(gemm):
     # Gradients reach every expert that got tokens (through the weight stack for grouped_mm) and the router through
     # the gate weights; experts without tokens get none or zeros. fp32, different summation orders: 1e-5 relative.
@@ -212,7 +222,9 @@ def test_moe_flops_formula_needs_a_moe_config():
 
 def test_default_gemm():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert default_gemm(cpu, torch.bfloat16, (1024, 512), 9.0) == "grouped_mm"  # small batch
+    assert default_gemm(cpu, torch.bfloat16, (1024, 512), 0.5) == "grouped_mm_t"  # few experts hit
+    assert default_gemm(cpu, torch.bfloat16, (1024, 512), 9.0) == "padded"  # most hit by a few tokens each
+    assert default_gemm(cpu, torch.bfloat16, (1024, 512), 96.0) == "grouped_mm"
     assert default_gemm(cpu, torch.bfloat16, (1024, 512), 384.0) == "segments"  # large batch
     assert default_gemm(cpu, torch.float64, (1024, 512), 1.0) == "segments"  # grouped_mm has no fp64
     assert default_gemm(cuda, torch.bfloat16, (1024, 512), 384.0) == "grouped_mm"

@@ -23,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from dsv3ref.balancing import BalancingRun, run_balancing
 from dsv3ref.config import ModelConfig, MoEConfig
 from dsv3ref.moe import MoE
-from hardware.roofline import achieved_fraction_of_compute
+from hardware.probe import matmul_case
 from hardware.timing import Timing, time_interleaved
 from harness import paper
 from harness.analytic.flops import moe_layer_fwd_flops_per_token
@@ -41,6 +41,7 @@ MID_CFG = ModelConfig.preset("dsv3-tiny").replace(
                   bias=True))
 SPEED_TOKENS = (1, 4, 16, 64, 256, 1024, 4096)
 HF_VARIANTS = ("eager", "grouped_mm", "batched_mm")
+PEAK = "matmul-peak"  # SpeedBench.forwards' key of the probe's matmul
 BALANCING_MODEL = "deepseek-v3-671b"
 BALANCING = {"steps": 300, "tokens": 4096, "gamma": 0.001, "skew_std": 0.5, "window": 10, "seed": 0}
 CURVE_STEPS = (1, 10, 25, 50, 75, 100, 125, 150, 200, 250, 300)
@@ -200,6 +201,7 @@ class SpeedBench:
     with_transformers: bool = field(default_factory=lambda: importlib.util.find_spec("transformers") is not None)
     modules: dict[str, nn.Module] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    matmul: tuple[Callable[[], torch.Tensor], float, str] | None = None  # the probe's BF16 matmul (peak)
 
     def __post_init__(self) -> None:
         torch.manual_seed(0)
@@ -217,10 +219,11 @@ class SpeedBench:
                                                                        variant).eval()
         else:
             self.skipped["transformers"] = "transformers is not installed (pip install '.[hf]')"
+        self.matmul = matmul_case(self.device, torch.bfloat16)
 
     def forwards(self, tokens: int) -> dict[str, Callable[[], torch.Tensor]]:
-        """One forward of `tokens` tokens per module; batched_mm is left out when its gathered weights would
-        not fit in half the free memory."""
+        """One forward of `tokens` tokens per module, and the probe's BF16 matmul under PEAK (timed beside them:
+        the roofline); batched_mm is left out when its gathered weights would not fit in half the free memory."""
         x = torch.randn(tokens, self.cfg.hidden_size, generator=torch.Generator().manual_seed(tokens))
         x = x.to(device=self.device, dtype=torch.bfloat16)
         out = {}
@@ -232,6 +235,7 @@ class SpeedBench:
                                                         f"{free / 1e9:.1f} GB free")
                     continue
             out[name] = _no_grad_call(module, x)
+        out[PEAK] = self.matmul[0]
         return out
 
 
@@ -262,25 +266,27 @@ def reps_for(tokens: int) -> int:
     return 30 if tokens <= 64 else 15 if tokens <= 1024 else 10
 
 
-def speed_records(bench: SpeedBench, tokens: int, timings: dict[str, Timing], ctx_local: Any,
-                  threads: int) -> list[Record]:
-    """moe_speedup of grouped against every other module, and grouped's achieved fraction of the local matmul
-    throughput (analytic FLOPs / median time)."""
+def speed_records(bench: SpeedBench, tokens: int, timings: dict[str, Timing], threads: int) -> list[Record]:
+    """moe_speedup of grouped against every other module, and grouped's achieved fraction of the matmul
+    throughput timed beside it (analytic FLOPs / median time over the probe matmul's FLOPs / median time)."""
     base = timings["grouped"]
     records = []
     for name, t in timings.items():
-        if name == "grouped":
+        if name in ("grouped", PEAK):
             continue
         records.append(Record("moe_speedup", f"grouped-vs-{name}", t.median / base.median, "x", kind="measured",
                               method="median ratio, interleaved",
                               extra={"tokens": tokens, "config": bench.cfg.name, "threads": threads,
                                      "samples_s": list(t.samples), "grouped_samples_s": list(base.samples)}))
+    _, peak_flops, what = bench.matmul
+    peak = peak_flops / timings[PEAK].median
     flops = moe_layer_fwd_flops_per_token(bench.cfg) * tokens
-    records.append(Record("achieved_compute_fraction", "grouped",
-                          achieved_fraction_of_compute(ctx_local, flops, base.median, "bf16"), "ratio",
-                          kind="measured", profile="local", method="analytic FLOPs / median time / bf16 matmul",
+    records.append(Record("achieved_compute_fraction", "grouped", flops / base.median / peak, "ratio",
+                          kind="measured", profile="local",
+                          method=f"analytic FLOPs / median time over a {what} timed side by side",
                           extra={"tokens": tokens, "config": bench.cfg.name, "threads": threads,
-                                 "samples_s": list(base.samples)}))
+                                 "matmul_TFLOPS": peak / 1e12, "samples_s": list(base.samples),
+                                 "matmul_samples_s": list(timings[PEAK].samples)}))
     return records
 
 
@@ -289,17 +295,20 @@ def _speed_table(ctx: ReportContext) -> Table:
     ctx.progress(f"moe: building the {MID_CFG.name} layer (64 experts, top-6, hidden 1024, expert 512) ...")
     bench = SpeedBench(device=ctx.device)
     others = [n for n in bench.modules if n != "grouped"]
+    peaks = []
     rows, records = [], []
     for tokens in SPEED_TOKENS:
         ctx.progress(f"moe: timing {tokens} tokens ...")
         timings = time_rotated(bench.forwards(tokens), ctx.device, reps_for(tokens))
-        recs = speed_records(bench, tokens, timings, ctx.local, threads)
+        recs = speed_records(bench, tokens, timings, threads)
         records.extend(recs)
         ratio = {r.subject.removeprefix("grouped-vs-"): r.value for r in recs if r.metric == "moe_speedup"}
-        fraction = next(r.value for r in recs if r.metric == "achieved_compute_fraction")
+        fraction = next(r for r in recs if r.metric == "achieved_compute_fraction")
+        peaks.append(fraction.extra["matmul_TFLOPS"])
         g = timings["grouped"]
         rows.append([tokens, num(g.median * 1e3, 2), num(g.iqr * 1e3, 2), num(tokens / g.median, 0),
-                     *(num(ratio[n]) + "x" if n in ratio else "—" for n in others), f"{fraction:.0%}"])
+                     *(num(ratio[n]) + "x" if n in ratio else "—" for n in others),
+                     num(fraction.extra["matmul_TFLOPS"], 3), f"{fraction.value:.0%}"])
     m = MID_CFG.moe
     notes = [f"{MID_CFG.name}: hidden {MID_CFG.hidden_size}, {m.n_routed_experts} experts (top-{m.num_experts_per_tok}"
              f", {m.n_group} groups / {m.topk_group}), expert width {m.moe_intermediate_size}, "
@@ -308,10 +317,13 @@ def _speed_table(ctx: ReportContext) -> Table:
              "ratios: median time of the other / median time of grouped, all modules timed side by side (A B A B "
              "..., the order rotated between blocks of rounds) in one run over the same input; > 1x means grouped "
              "is faster",
-             f"roofline: analytic FLOPs (router + experts) / grouped's median time over the local BF16 matmul "
-             f"throughput ({num(ctx.local.bf16_dense_TFLOPS, 3)} TFLOP/s, probed)"]
+             f"roofline: analytic FLOPs (router + experts) / grouped's median time over the throughput of the local "
+             f"probe's {bench.matmul[2]}, timed in the same interleaved rounds ({num(min(peaks), 3)}-"
+             f"{num(max(peaks), 3)} TFLOP/s across the batch sizes; the probe at report start: "
+             f"{num(ctx.local.bf16_dense_TFLOPS, 3)})"]
     notes += [f"not run: {name}: {why}" for name, why in bench.skipped.items()]
-    headers = ["tokens", "grouped ms", "IQR ms", "tokens/s", *(f"vs {n}" for n in others), "of matmul peak"]
+    headers = ["tokens", "grouped ms", "IQR ms", "tokens/s", *(f"vs {n}" for n in others), "matmul TFLOP/s",
+               "of matmul peak"]
     return Table("DeepSeekMoE layer forward: grouped vs loop vs transformers", headers, rows, records, notes)
 
 

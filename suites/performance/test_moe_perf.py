@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from dsv3ref.config import ModelConfig
-from hardware.probe import probe_local
 from harness.sections.moe import (
     BALANCING,
     BALANCING_MODEL,
@@ -47,7 +46,7 @@ def test_moe_forward_throughput(benchmark, bench, dsv3_results, dsv3_device, tok
     if benchmark.disabled:
         return
     timings = time_rotated(forwards, dsv3_device, reps_for(tokens))
-    for record in speed_records(bench, tokens, timings, probe_local(), torch.get_num_threads()):
+    for record in speed_records(bench, tokens, timings, torch.get_num_threads()):
         dsv3_results.add(record)
 
 
