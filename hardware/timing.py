@@ -6,6 +6,7 @@ under the same machine state, as the measurement policy requires.
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -64,15 +65,27 @@ def time_fn(fn: Callable[[], object], *, device: str = "cpu", warmup: int = 1, m
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], *, device: str = "cpu", warmup: int = 1,
-                     reps: int = 7) -> dict[str, Timing]:
-    """Time several candidates side by side: each round calls every candidate once, in turn."""
+                     reps: int = 7, seed: int = 0) -> dict[str, Timing]:
+    """Time several candidates side by side: each round calls every candidate once, in an order shuffled per
+    round (seeded), so that no candidate always runs right after the same other one, whose cache footprint it
+    would inherit. Sample i of every candidate comes from round i (see `paired_ratio`)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     if device == "cuda":
         torch.cuda.synchronize()
     samples: dict[str, list[float]] = {name: [] for name in fns}
+    rng = random.Random(seed)
     for _ in range(reps):
-        for name, fn in fns.items():
-            samples[name].append(_once(fn, device))
+        for name in rng.sample(list(fns), len(fns)):
+            samples[name].append(_once(fns[name], device))
     return {name: Timing(tuple(s)) for name, s in samples.items()}
+
+
+def paired_ratio(a: Timing, b: Timing) -> float:
+    """Median over rounds of a's sample / b's sample from the same round of `time_interleaved`: a machine whose
+    speed drifts between rounds (shared hosts, clock changes) moves both samples of a round alike."""
+    if len(a.samples) != len(b.samples) or not a.samples:
+        raise ValueError(f"paired_ratio: expected samples from the same rounds, got {len(a.samples)} and "
+                         f"{len(b.samples)}")
+    return statistics.median(x / y for x, y in zip(a.samples, b.samples, strict=True))

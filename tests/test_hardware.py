@@ -6,6 +6,7 @@ import pytest
 
 from hardware.profile import NUMERIC_FIELDS, ProfileError, load_profile, load_profile_file, profile_names
 from hardware.roofline import achieved_fraction_of_bandwidth, roofline
+from hardware.timing import Timing, paired_ratio
 
 DECLARED = ("b200", "gb200-nvl72", "h100", "h200", "h800", "mi300x", "rtx4090")
 
@@ -80,3 +81,13 @@ def test_roofline_picks_the_binding_resource():
     r = roofline(h800, flops=1e9, bytes_moved=1e9)
     assert r.bound == "memory" and r.time_s == pytest.approx(1 / 3350)
     assert achieved_fraction_of_bandwidth(h800, 3350e9, 2.0) == pytest.approx(0.5)
+
+
+def test_paired_ratio_pairs_samples_of_the_same_round():
+    assert paired_ratio(Timing((2.0, 4.0, 6.0)), Timing((1.0, 4.0, 2.0))) == 2.0  # ratios 2, 1, 3
+    # a machine three times slower in the later rounds: per-round ratios stay exact, medians of each would not
+    slow = Timing((1.0, 1.0, 3.0, 3.0, 3.0))
+    fast = Timing((0.5, 0.5, 1.5, 1.5, 1.5))
+    assert paired_ratio(slow, fast) == 2.0
+    with pytest.raises(ValueError, match="same rounds"):
+        paired_ratio(Timing((1.0,)), Timing((1.0, 2.0)))

@@ -24,7 +24,7 @@ from dsv3ref.balancing import BalancingRun, run_balancing
 from dsv3ref.config import ModelConfig, MoEConfig
 from dsv3ref.moe import MoE
 from hardware.probe import matmul_case
-from hardware.timing import Timing, time_interleaved
+from hardware.timing import Timing, paired_ratio, time_interleaved
 from harness import paper
 from harness.analytic.flops import moe_layer_fwd_flops_per_token
 from harness.analytic.params import param_counts
@@ -247,20 +247,6 @@ def _no_grad_call(module: nn.Module, x: torch.Tensor) -> Callable[[], torch.Tens
     return call
 
 
-def time_rotated(fns: dict[str, Callable[[], object]], device: str, reps: int) -> dict[str, Timing]:
-    """Side-by-side timing (hardware.timing.time_interleaved) with the candidates' order rotated between blocks
-    of rounds, so that none always runs first (right after another module has evicted its data from cache)."""
-    names = list(fns)
-    per_block = -(-reps // len(names))
-    samples: dict[str, list[float]] = {n: [] for n in names}
-    for start in range(len(names)):
-        order = names[start:] + names[:start]
-        timings = time_interleaved({n: fns[n] for n in order}, device=device, warmup=1, reps=per_block)
-        for n, t in timings.items():
-            samples[n].extend(t.samples)
-    return {n: Timing(tuple(s)) for n, s in samples.items()}
-
-
 def reps_for(tokens: int) -> int:
     """Side-by-side rounds: more for small (noisy, fast) batches, fewer for the large ones."""
     return 30 if tokens <= 64 else 15 if tokens <= 1024 else 10
@@ -274,16 +260,18 @@ def speed_records(bench: SpeedBench, tokens: int, timings: dict[str, Timing], th
     for name, t in timings.items():
         if name in ("grouped", PEAK):
             continue
-        records.append(Record("moe_speedup", f"grouped-vs-{name}", t.median / base.median, "x", kind="measured",
-                              method="median ratio, interleaved",
+        records.append(Record("moe_speedup", f"grouped-vs-{name}", paired_ratio(t, base), "x", kind="measured",
+                              method="median of per-round time ratios, interleaved",
                               extra={"tokens": tokens, "config": bench.cfg.name, "threads": threads,
                                      "samples_s": list(t.samples), "grouped_samples_s": list(base.samples)}))
     _, peak_flops, what = bench.matmul
     peak = peak_flops / timings[PEAK].median
     flops = moe_layer_fwd_flops_per_token(bench.cfg) * tokens
-    records.append(Record("achieved_compute_fraction", "grouped", flops / base.median / peak, "ratio",
+    fraction = flops / peak_flops * paired_ratio(timings[PEAK], base)  # per round: (F / t) / (F_peak / t_peak)
+    records.append(Record("achieved_compute_fraction", "grouped", fraction, "ratio",
                           kind="measured", profile="local",
-                          method=f"analytic FLOPs / median time over a {what} timed side by side",
+                          method=f"analytic FLOPs / time over a {what}'s FLOPs / time, median over interleaved "
+                                 "rounds",
                           extra={"tokens": tokens, "config": bench.cfg.name, "threads": threads,
                                  "matmul_TFLOPS": peak / 1e12, "samples_s": list(base.samples),
                                  "matmul_samples_s": list(timings[PEAK].samples)}))
@@ -299,7 +287,7 @@ def _speed_table(ctx: ReportContext) -> Table:
     rows, records = [], []
     for tokens in SPEED_TOKENS:
         ctx.progress(f"moe: timing {tokens} tokens ...")
-        timings = time_rotated(bench.forwards(tokens), ctx.device, reps_for(tokens))
+        timings = time_interleaved(bench.forwards(tokens), device=ctx.device, warmup=1, reps=reps_for(tokens))
         recs = speed_records(bench, tokens, timings, threads)
         records.extend(recs)
         ratio = {r.subject.removeprefix("grouped-vs-"): r.value for r in recs if r.metric == "moe_speedup"}
@@ -314,11 +302,11 @@ def _speed_table(ctx: ReportContext) -> Table:
              f", {m.n_group} groups / {m.topk_group}), expert width {m.moe_intermediate_size}, "
              f"{m.n_shared_experts} shared; BF16 with fp32 routers in every module (transformers' precision, so "
              f"all select the same experts), {ctx.device}, {threads} threads; random weights, bias N(0, 0.01)",
-             "ratios: median time of the other / median time of grouped, all modules timed side by side (A B A B "
-             "..., the order rotated between blocks of rounds) in one run over the same input; > 1x means grouped "
-             "is faster",
-             f"roofline: analytic FLOPs (router + experts) / grouped's median time over the throughput of the local "
-             f"probe's {bench.matmul[2]}, timed in the same interleaved rounds ({num(min(peaks), 3)}-"
+             "ratios: median over rounds of the other's time / grouped's time in the same round, all modules timed "
+             "side by side (each round runs every module once, in a shuffled order) in one run over the same input; "
+             "> 1x means grouped is faster",
+             f"roofline: analytic FLOPs (router + experts) / grouped's time over the throughput of the local "
+             f"probe's {bench.matmul[2]} in the same round, median over the interleaved rounds ({num(min(peaks), 3)}-"
              f"{num(max(peaks), 3)} TFLOP/s across the batch sizes; the probe at report start: "
              f"{num(ctx.local.bf16_dense_TFLOPS, 3)})"]
     notes += [f"not run: {name}: {why}" for name, why in bench.skipped.items()]

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from dsv3ref.config import ModelConfig
+from hardware.timing import time_interleaved
 from harness.sections.moe import (
     BALANCING,
     BALANCING_MODEL,
@@ -24,7 +25,6 @@ from harness.sections.moe import (
     balancing_runs,
     reps_for,
     speed_records,
-    time_rotated,
 )
 
 pytestmark = [pytest.mark.perf]
@@ -45,7 +45,7 @@ def test_moe_forward_throughput(benchmark, bench, dsv3_results, dsv3_device, tok
     assert out.shape == (tokens, bench.cfg.hidden_size) and torch.isfinite(out).all()
     if benchmark.disabled:
         return
-    timings = time_rotated(forwards, dsv3_device, reps_for(tokens))
+    timings = time_interleaved(forwards, device=dsv3_device, warmup=1, reps=reps_for(tokens))
     for record in speed_records(bench, tokens, timings, torch.get_num_threads()):
         dsv3_results.add(record)
 
