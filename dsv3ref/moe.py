@@ -34,6 +34,7 @@ GROUPED_MM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # CPU thresholds of `auto` on mean rows per expert (N k / E), measured on the moe-mid benchmark layer (bf16):
 # grouped_mm_t below the first, padded up to the second, grouped_mm up to the third, segments from there on
 CPU_GEMM_ROWS = (1.25, 64.0, 160.0)
+PADDED_MAX_WASTE = 6.0  # padded only while its zero-padded blocks hold at most this many times the real pairs
 
 
 class MoEInputError(ValueError):
@@ -142,8 +143,12 @@ def grouped_mm_supported(dtype: torch.dtype, dims: tuple[int, ...]) -> bool:
     return all(d * dtype.itemsize % 16 == 0 for d in dims)
 
 
-def default_gemm(device: torch.device, dtype: torch.dtype, dims: tuple[int, ...], rows_per_expert: float) -> str:
+def default_gemm(device: torch.device, dtype: torch.dtype, dims: tuple[int, ...], rows_per_expert: float,
+                 padding: float = 1.0) -> str:
     """The grouped path's matmul backend for `auto` (`segments` wherever grouped_mm cannot run, e.g. fp64).
+
+    `padding` = experts in the hit range x the largest count / pairs: what `padded` would compute over what is
+    needed; skewed routing (one hot expert) makes it large, and `grouped_mm` runs instead.
 
     CUDA: `grouped_mm` for bf16. CPU (torch 2.13's grouped_mm loops over the groups, one mm each), by rows per
     expert against CPU_GEMM_ROWS: `grouped_mm_t` while few experts are hit (weights as the left operand stream
@@ -156,7 +161,8 @@ def default_gemm(device: torch.device, dtype: torch.dtype, dims: tuple[int, ...]
     if device.type == "cuda":
         return "grouped_mm" if dtype == torch.bfloat16 else "segments"
     backends = ("grouped_mm_t", "padded", "grouped_mm")
-    return next((b for b, limit in zip(backends, CPU_GEMM_ROWS, strict=True) if rows_per_expert < limit), "segments")
+    gemm = next((b for b, limit in zip(backends, CPU_GEMM_ROWS, strict=True) if rows_per_expert < limit), "segments")
+    return "grouped_mm" if gemm == "padded" and padding > PADDED_MAX_WASTE else gemm
 
 
 def _aligned_rows(t: torch.Tensor) -> torch.Tensor:
@@ -230,8 +236,8 @@ class MoE(nn.Module):
         return y
 
     def _grouped(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """Sort the N*k (token, slot) pairs by expert once; run each expert once on its segment of rows, with the
-        routing weight folded into the [rows, I] activation; add the results back into their tokens' rows."""
+        """Sort the N*k (token, slot) pairs by expert once; run each expert once on its segment of pairs; add the
+        results, times their routing weights, back into their tokens' rows."""
         flat = indices.flatten()  # [N*k]
         if flat.numel() == 0:
             return torch.zeros_like(x)
@@ -241,8 +247,10 @@ class MoE(nn.Module):
         gemm = self.gemm
         if gemm == "auto":  # stacked weights only for inference with plain nn.Linear experts (see _grouped_mm)
             eligible = not torch.is_grad_enabled() and self._plain_linears()
-            rows = flat.numel() / self.n_experts
-            gemm = default_gemm(x.device, x.dtype, (self.dim, self.inter), rows) if eligible else "segments"
+            hit = pairs.counts.nonzero()
+            padding = (int(hit[-1]) - int(hit[0]) + 1) * int(pairs.counts.max()) / flat.numel()
+            gemm = (default_gemm(x.device, x.dtype, (self.dim, self.inter), flat.numel() / self.n_experts, padding)
+                    if eligible else "segments")
         if gemm != "segments" and not self._plain_linears():
             raise ConfigError(f"gemm: {gemm!r} multiplies raw weights but the experts' linears are not plain "
                               "nn.Linear (converted, e.g. to FP8); use gemm 'segments' or 'auto'")

@@ -224,6 +224,7 @@ def test_default_gemm():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert default_gemm(cpu, torch.bfloat16, (1024, 512), 0.5) == "grouped_mm_t"  # few experts hit
     assert default_gemm(cpu, torch.bfloat16, (1024, 512), 9.0) == "padded"  # most hit by a few tokens each
+    assert default_gemm(cpu, torch.bfloat16, (1024, 512), 9.0, padding=20.0) == "grouped_mm"  # one hot expert
     assert default_gemm(cpu, torch.bfloat16, (1024, 512), 96.0) == "grouped_mm"
     assert default_gemm(cpu, torch.bfloat16, (1024, 512), 384.0) == "segments"  # large batch
     assert default_gemm(cpu, torch.float64, (1024, 512), 1.0) == "segments"  # grouped_mm has no fp64
