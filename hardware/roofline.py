@@ -42,8 +42,3 @@ def roofline(profile: Profile, flops: float, bytes_moved: float, dtype: str = "b
 def achieved_fraction_of_bandwidth(profile: Profile, bytes_moved: float, seconds: float) -> float:
     """Bytes / time over the profile's memory bandwidth."""
     return bytes_moved / seconds / (profile.hbm_bandwidth_GBps * 1e9)
-
-
-def achieved_fraction_of_compute(profile: Profile, flops: float, seconds: float, dtype: str = "bf16") -> float:
-    """FLOPs / time over the profile's matmul throughput in `dtype`."""
-    return flops / seconds / peak_flops(profile, dtype)

@@ -254,7 +254,8 @@ def reps_for(tokens: int) -> int:
 
 def speed_records(bench: SpeedBench, tokens: int, timings: dict[str, Timing], threads: int) -> list[Record]:
     """moe_speedup of grouped against every other module, and grouped's achieved fraction of the matmul
-    throughput timed beside it (analytic FLOPs / median time over the probe matmul's FLOPs / median time)."""
+    throughput timed beside it: per round (analytic FLOPs / time) over (the probe matmul's FLOPs / time), the
+    median over rounds."""
     base = timings["grouped"]
     records = []
     for name, t in timings.items():
@@ -264,10 +265,10 @@ def speed_records(bench: SpeedBench, tokens: int, timings: dict[str, Timing], th
                               method="median of per-round time ratios, interleaved",
                               extra={"tokens": tokens, "config": bench.cfg.name, "threads": threads,
                                      "samples_s": list(t.samples), "grouped_samples_s": list(base.samples)}))
-    _, peak_flops, what = bench.matmul
-    peak = peak_flops / timings[PEAK].median
+    _, matmul_flops, what = bench.matmul
+    peak = matmul_flops / timings[PEAK].median
     flops = moe_layer_fwd_flops_per_token(bench.cfg) * tokens
-    fraction = flops / peak_flops * paired_ratio(timings[PEAK], base)  # per round: (F / t) / (F_peak / t_peak)
+    fraction = flops / matmul_flops * paired_ratio(timings[PEAK], base)  # per round: (F / t) / (F_mm / t_mm)
     records.append(Record("achieved_compute_fraction", "grouped", fraction, "ratio",
                           kind="measured", profile="local",
                           method=f"analytic FLOPs / time over a {what}'s FLOPs / time, median over interleaved "
