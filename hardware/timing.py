@@ -82,10 +82,15 @@ def time_interleaved(fns: dict[str, Callable[[], object]], *, device: str = "cpu
     return {name: Timing(tuple(s)) for name, s in samples.items()}
 
 
+def round_ratios(a: Timing, b: Timing) -> list[float]:
+    """a's sample / b's sample, round by round, for timings from the same rounds of `time_interleaved`."""
+    if len(a.samples) != len(b.samples) or not a.samples:
+        raise ValueError(f"timings: expected samples from the same rounds, got {len(a.samples)} and "
+                         f"{len(b.samples)}")
+    return [x / y for x, y in zip(a.samples, b.samples, strict=True)]
+
+
 def paired_ratio(a: Timing, b: Timing) -> float:
     """Median over rounds of a's sample / b's sample from the same round of `time_interleaved`: a machine whose
     speed drifts between rounds (shared hosts, clock changes) moves both samples of a round alike."""
-    if len(a.samples) != len(b.samples) or not a.samples:
-        raise ValueError(f"paired_ratio: expected samples from the same rounds, got {len(a.samples)} and "
-                         f"{len(b.samples)}")
-    return statistics.median(x / y for x, y in zip(a.samples, b.samples, strict=True))
+    return statistics.median(round_ratios(a, b))

@@ -6,7 +6,7 @@ import pytest
 
 from hardware.profile import NUMERIC_FIELDS, ProfileError, load_profile, load_profile_file, profile_names
 from hardware.roofline import achieved_fraction_of_bandwidth, roofline
-from hardware.timing import Timing, paired_ratio
+from hardware.timing import Timing, paired_ratio, round_ratios
 
 DECLARED = ("b200", "gb200-nvl72", "h100", "h200", "h800", "mi300x", "rtx4090")
 
@@ -89,5 +89,8 @@ def test_paired_ratio_pairs_samples_of_the_same_round():
     slow = Timing((1.0, 1.0, 3.0, 3.0, 3.0))
     fast = Timing((0.5, 0.5, 1.5, 1.5, 1.5))
     assert paired_ratio(slow, fast) == 2.0
+    assert round_ratios(Timing((2.0, 4.0, 6.0)), Timing((1.0, 4.0, 2.0))) == [2.0, 1.0, 3.0]
     with pytest.raises(ValueError, match="same rounds"):
         paired_ratio(Timing((1.0,)), Timing((1.0, 2.0)))
+    with pytest.raises(ValueError, match="same rounds"):
+        round_ratios(Timing(()), Timing(()))

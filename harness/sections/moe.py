@@ -10,21 +10,24 @@ parameters the forward passes to torch functions (a TorchFunctionMode) and how m
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
+import statistics
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from dsv3ref.balancing import BalancingRun, run_balancing
 from dsv3ref.config import ModelConfig, MoEConfig
-from dsv3ref.moe import MoE
+from dsv3ref.moe import CPU_GEMM_ROWS, MoE
 from hardware.probe import matmul_case
-from hardware.timing import Timing, paired_ratio, time_interleaved
+from hardware.timing import Timing, paired_ratio, round_ratios, time_interleaved
 from harness import paper
 from harness.analytic.flops import moe_layer_fwd_flops_per_token
 from harness.analytic.params import param_counts
@@ -42,6 +45,7 @@ MID_CFG = ModelConfig.preset("dsv3-tiny").replace(
 SPEED_TOKENS = (1, 4, 16, 64, 256, 1024, 4096)
 HF_VARIANTS = ("eager", "grouped_mm", "batched_mm")
 PEAK = "matmul-peak"  # SpeedBench.forwards' key of the probe's matmul
+BOUND = "expert-matmuls"  # SpeedBench.forwards' key of the layer's matmuls alone, one per expert
 BALANCING_MODEL = "deepseek-v3-671b"
 BALANCING = {"steps": 300, "tokens": 4096, "gamma": 0.001, "skew_std": 0.5, "window": 10, "seed": 0}
 CURVE_STEPS = (1, 10, 25, 50, 75, 100, 125, 150, 200, 250, 300)
@@ -236,7 +240,36 @@ class SpeedBench:
                     continue
             out[name] = _no_grad_call(module, x)
         out[PEAK] = self.matmul[0]
+        out[BOUND] = self._matmuls_alone(x)
         return out
+
+    def _matmuls_alone(self, x: torch.Tensor) -> Callable[[], None]:
+        """The layer's matmuls at this batch's shapes and nothing else: the router's (fp32), each hit expert's
+        three over its routed rows, the shared expert's three, on inputs made beforehand. The segments backend
+        (auto's pick above 160 rows per expert) runs these and more, so they bound its roofline fraction here."""
+        grouped = self.modules["grouped"]
+        with torch.no_grad():
+            _, indices = grouped.gate(x)
+        rows = torch.bincount(indices.flatten(), minlength=grouped.n_experts).tolist()
+        gen = torch.Generator().manual_seed(0)
+
+        def inputs(n: int, width: int) -> torch.Tensor:
+            return torch.randn(n, width, generator=gen).to(device=x.device, dtype=x.dtype)
+
+        router = (x.float(), grouped.gate.weight.float())
+        mlps = [(e, inputs(n, self.cfg.hidden_size), inputs(n, grouped.inter))
+                for e, n in zip(grouped.experts, rows, strict=True) if n]
+        if grouped.shared_experts is not None:
+            shared = grouped.shared_experts
+            mlps.append((shared, x, inputs(len(x), shared.w2.in_features)))
+
+        def call() -> None:
+            with torch.no_grad():
+                F.linear(*router)
+                for mlp, xe, he in mlps:  # xe [rows, D], he [rows, I]
+                    F.linear(xe, mlp.w1.weight), F.linear(xe, mlp.w3.weight), F.linear(he, mlp.w2.weight)
+
+        return call
 
 
 def _no_grad_call(module: nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor]:
@@ -253,13 +286,13 @@ def reps_for(tokens: int) -> int:
 
 
 def speed_records(bench: SpeedBench, tokens: int, timings: dict[str, Timing], threads: int) -> list[Record]:
-    """moe_speedup of grouped against every other module, and grouped's achieved fraction of the matmul
-    throughput timed beside it: per round (analytic FLOPs / time) over (the probe matmul's FLOPs / time), the
-    median over rounds."""
+    """moe_speedup of grouped against every other module, and the achieved fraction of the matmul throughput timed
+    beside it, of grouped and of the layer's matmuls alone (the bound of its per-expert path): per round
+    (analytic FLOPs / time) over (the probe matmul's FLOPs / time), the median over rounds."""
     base = timings["grouped"]
     records = []
     for name, t in timings.items():
-        if name in ("grouped", PEAK):
+        if name in ("grouped", PEAK, BOUND):
             continue
         records.append(Record("moe_speedup", f"grouped-vs-{name}", paired_ratio(t, base), "x", kind="measured",
                               method="median of per-round time ratios, interleaved",
@@ -268,15 +301,22 @@ def speed_records(bench: SpeedBench, tokens: int, timings: dict[str, Timing], th
     _, matmul_flops, what = bench.matmul
     peak = matmul_flops / timings[PEAK].median
     flops = moe_layer_fwd_flops_per_token(bench.cfg) * tokens
-    fraction = flops / matmul_flops * paired_ratio(timings[PEAK], base)  # per round: (F / t) / (F_mm / t_mm)
-    records.append(Record("achieved_compute_fraction", "grouped", fraction, "ratio",
-                          kind="measured", profile="local",
-                          method=f"analytic FLOPs / time over a {what}'s FLOPs / time, median over interleaved "
-                                 "rounds",
-                          extra={"tokens": tokens, "config": bench.cfg.name, "threads": threads,
-                                 "matmul_TFLOPS": peak / 1e12, "samples_s": list(base.samples),
-                                 "matmul_samples_s": list(timings[PEAK].samples)}))
+    for subject, t in (("grouped", base), (BOUND, timings[BOUND])):
+        per_round = [flops / matmul_flops * r for r in round_ratios(timings[PEAK], t)]  # (F / t) / (F_mm / t_mm)
+        records.append(Record("achieved_compute_fraction", subject, statistics.median(per_round), "ratio",
+                              kind="measured", profile="local",
+                              method=f"analytic FLOPs / time over a {what}'s FLOPs / time, median over "
+                                     "interleaved rounds",
+                              extra={"tokens": tokens, "config": bench.cfg.name, "threads": threads,
+                                     "matmul_TFLOPS": peak / 1e12, "per_round": per_round,
+                                     "samples_s": list(t.samples), "matmul_samples_s": list(timings[PEAK].samples)}))
     return records
+
+
+def _fraction_cell(record: Record) -> str:
+    """The median fraction and its per-round range: the machine's phase moves a round's fraction (see notes)."""
+    rounds = record.extra["per_round"]
+    return f"{record.value:.0%} ({min(rounds):.0%}-{max(rounds):.0%})"
 
 
 def _speed_table(ctx: ReportContext) -> Table:
@@ -292,13 +332,15 @@ def _speed_table(ctx: ReportContext) -> Table:
         recs = speed_records(bench, tokens, timings, threads)
         records.extend(recs)
         ratio = {r.subject.removeprefix("grouped-vs-"): r.value for r in recs if r.metric == "moe_speedup"}
-        fraction = next(r for r in recs if r.metric == "achieved_compute_fraction")
+        fraction, bound = (next(r for r in recs if r.metric == "achieved_compute_fraction" and r.subject == s)
+                           for s in ("grouped", BOUND))
         peaks.append(fraction.extra["matmul_TFLOPS"])
         g = timings["grouped"]
         rows.append([tokens, num(g.median * 1e3, 2), num(g.iqr * 1e3, 2), num(tokens / g.median, 0),
                      *(num(ratio[n]) + "x" if n in ratio else "—" for n in others),
-                     num(fraction.extra["matmul_TFLOPS"], 3), f"{fraction.value:.0%}"])
+                     num(fraction.extra["matmul_TFLOPS"], 3), *map(_fraction_cell, (fraction, bound))])
     m = MID_CFG.moe
+    segments_from = math.ceil(CPU_GEMM_ROWS[-1] * m.n_routed_experts / m.num_experts_per_tok)
     notes = [f"{MID_CFG.name}: hidden {MID_CFG.hidden_size}, {m.n_routed_experts} experts (top-{m.num_experts_per_tok}"
              f", {m.n_group} groups / {m.topk_group}), expert width {m.moe_intermediate_size}, "
              f"{m.n_shared_experts} shared; BF16 with fp32 routers in every module (transformers' precision, so "
@@ -309,10 +351,16 @@ def _speed_table(ctx: ReportContext) -> Table:
              f"roofline: analytic FLOPs (router + experts) / grouped's time over the throughput of the local "
              f"probe's {bench.matmul[2]} in the same round, median over the interleaved rounds ({num(min(peaks), 3)}-"
              f"{num(max(peaks), 3)} TFLOP/s across the batch sizes; the probe at report start: "
-             f"{num(ctx.local.bf16_dense_TFLOPS, 3)})"]
+             f"{num(ctx.local.bf16_dense_TFLOPS, 3)}); in brackets the range over rounds: this VM's matmul speed "
+             "drifts by up to 2.7x between phases, the layer's by less, so a round's fraction depends on its phase",
+             "expert matmuls alone: the same fraction for the layer's matmuls by themselves, one call per expert "
+             "(router, each hit expert's three over its rows, the shared expert's), timed in the same rounds: the "
+             f"bound of the per-expert segments path, which auto runs from {num(CPU_GEMM_ROWS[-1], 0)} rows per "
+             f"expert on a CPU ({segments_from} tokens here); the gap to it is gather, SwiGLU, weighting, scatter "
+             "and routing. At fewer rows the stacked-weight backends run fewer, larger calls and can beat it"]
     notes += [f"not run: {name}: {why}" for name, why in bench.skipped.items()]
     headers = ["tokens", "grouped ms", "IQR ms", "tokens/s", *(f"vs {n}" for n in others), "matmul TFLOP/s",
-               "of matmul peak"]
+               "of matmul peak", "expert matmuls alone"]
     return Table("DeepSeekMoE layer forward: grouped vs loop vs transformers", headers, rows, records, notes)
 
 

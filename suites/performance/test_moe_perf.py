@@ -3,7 +3,8 @@
 Throughput: the grouped path of a mid-size BF16 layer (64 experts, top-6, hidden 1024, expert width 512) timed by
 pytest-benchmark, then side by side (A B A B ...) with the per-expert loop and transformers' DeepseekV3MoE
 (eager, grouped_mm, batched_mm experts where it fits in memory) over the same weights; the ratios and the
-achieved fraction of the local matmul throughput go to --dsv3-results. Batches of 1024 and 4096 tokens are
+achieved fraction of the local matmul throughput (of grouped, and of the layer's per-expert matmuls alone: the
+bound of its segments path) go to --dsv3-results. Batches of 1024 and 4096 tokens are
 `slow`. Balancing: the auxiliary-loss-free bias update on a skewed stream at DeepSeek-V3's routing (`slow`).
 Nothing here asserts a time.
 """
