@@ -244,9 +244,10 @@ class SpeedBench:
         return out
 
     def _matmuls_alone(self, x: torch.Tensor) -> Callable[[], None]:
-        """The layer's matmuls at this batch's shapes and nothing else: the router's (fp32), each hit expert's
-        three over its routed rows, the shared expert's three, on inputs made beforehand. The segments backend
-        (auto's pick above 160 rows per expert) runs these and more, so they bound its roofline fraction here."""
+        """The layer's matmuls at this batch's shapes and nothing else: the router's (fp32, as every router
+        here), each hit expert's three over its routed rows, the shared expert's three, on inputs made beforehand.
+        The segments backend (auto's pick on a CPU from CPU_GEMM_ROWS[-1] rows per expert) runs these and more,
+        so they bound its roofline fraction."""
         grouped = self.modules["grouped"]
         with torch.no_grad():
             _, indices = grouped.gate(x)
@@ -351,8 +352,9 @@ def _speed_table(ctx: ReportContext) -> Table:
              f"roofline: analytic FLOPs (router + experts) / grouped's time over the throughput of the local "
              f"probe's {bench.matmul[2]} in the same round, median over the interleaved rounds ({num(min(peaks), 3)}-"
              f"{num(max(peaks), 3)} TFLOP/s across the batch sizes; the probe at report start: "
-             f"{num(ctx.local.bf16_dense_TFLOPS, 3)}); in brackets the range over rounds: this VM's matmul speed "
-             "drifts by up to 2.7x between phases, the layer's by less, so a round's fraction depends on its phase",
+             f"{num(ctx.local.bf16_dense_TFLOPS, 3)}); in brackets the range over rounds: where the machine's "
+             "speed drifts (a shared VM), the matmul and the layer drift by different factors, so a round's "
+             "fraction depends on the phase it ran in",
              "expert matmuls alone: the same fraction for the layer's matmuls by themselves, one call per expert "
              "(router, each hit expert's three over its rows, the shared expert's), timed in the same rounds: the "
              f"bound of the per-expert segments path, which auto runs from {num(CPU_GEMM_ROWS[-1], 0)} rows per "
