@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,11 +31,19 @@ class Timing:
 
     @property
     def iqr(self) -> float:
-        """Inter-quartile range (0 for fewer than 2 samples)."""
-        if len(self.samples) < 2:
-            return 0.0
-        q = statistics.quantiles(self.samples, n=4, method="inclusive")
-        return q[2] - q[0]
+        """Inter-quartile range (0 for one sample)."""
+        q1, q3 = quartiles(self.samples)
+        return q3 - q1
+
+
+def quartiles(values: Sequence[float]) -> tuple[float, float]:
+    """First and third quartiles (inclusive method: within the values' range); the value twice for one value."""
+    if not values:
+        raise ValueError("quartiles: expected at least one value, got none")
+    if len(values) == 1:
+        return values[0], values[0]
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], q[2]
 
 
 def _once(fn: Callable[[], object], device: str) -> float:

@@ -6,7 +6,7 @@ import pytest
 
 from hardware.profile import NUMERIC_FIELDS, ProfileError, load_profile, load_profile_file, profile_names
 from hardware.roofline import achieved_fraction_of_bandwidth, roofline
-from hardware.timing import Timing, paired_ratio, round_ratios
+from hardware.timing import Timing, paired_ratio, quartiles, round_ratios
 
 DECLARED = ("b200", "gb200-nvl72", "h100", "h200", "h800", "mi300x", "rtx4090")
 
@@ -94,3 +94,11 @@ def test_paired_ratio_pairs_samples_of_the_same_round():
         paired_ratio(Timing((1.0,)), Timing((1.0, 2.0)))
     with pytest.raises(ValueError, match="same rounds"):
         round_ratios(Timing(()), Timing(()))
+
+
+def test_quartiles_inclusive_and_single_value():
+    assert quartiles([1.0, 2.0, 3.0, 4.0, 5.0]) == (2.0, 4.0)
+    assert quartiles([3.0]) == (3.0, 3.0)
+    assert Timing((1.0, 2.0, 3.0, 4.0, 5.0)).iqr == 2.0
+    with pytest.raises(ValueError, match="at least one value"):
+        quartiles([])

@@ -27,7 +27,7 @@ from dsv3ref.balancing import BalancingRun, run_balancing
 from dsv3ref.config import ModelConfig, MoEConfig
 from dsv3ref.moe import CPU_GEMM_ROWS, MoE
 from hardware.probe import matmul_case
-from hardware.timing import Timing, paired_ratio, round_ratios, time_interleaved
+from hardware.timing import Timing, paired_ratio, quartiles, round_ratios, time_interleaved
 from harness import paper
 from harness.analytic.flops import moe_layer_fwd_flops_per_token
 from harness.analytic.params import param_counts
@@ -315,9 +315,10 @@ def speed_records(bench: SpeedBench, tokens: int, timings: dict[str, Timing], th
 
 
 def _fraction_cell(record: Record) -> str:
-    """The median fraction and its per-round range: the machine's phase moves a round's fraction (see notes)."""
-    rounds = record.extra["per_round"]
-    return f"{record.value:.0%} ({min(rounds):.0%}-{max(rounds):.0%})"
+    """The median fraction and its inter-quartile range over rounds: the machine's phase moves a round's fraction
+    (see notes)."""
+    q1, q3 = quartiles(record.extra["per_round"])
+    return f"{record.value:.0%} ({q1:.0%}-{q3:.0%})"
 
 
 def _speed_table(ctx: ReportContext) -> Table:
@@ -352,9 +353,9 @@ def _speed_table(ctx: ReportContext) -> Table:
              f"roofline: analytic FLOPs (router + experts) / grouped's time over the throughput of the local "
              f"probe's {bench.matmul[2]} in the same round, median over the interleaved rounds ({num(min(peaks), 3)}-"
              f"{num(max(peaks), 3)} TFLOP/s across the batch sizes; the probe at report start: "
-             f"{num(ctx.local.bf16_dense_TFLOPS, 3)}); in brackets the range over rounds: where the machine's "
-             "speed drifts (a shared VM), the matmul and the layer drift by different factors, so a round's "
-             "fraction depends on the phase it ran in",
+             f"{num(ctx.local.bf16_dense_TFLOPS, 3)}); in brackets the inter-quartile range over rounds: where "
+             "the machine's speed drifts (a shared VM), the matmul and the layer drift by different factors, so a "
+             "round's fraction depends on the phase it ran in (records keep every round in per_round)",
              "expert matmuls alone: the same fraction for the layer's matmuls by themselves, one call per expert "
              "(router, each hit expert's three over its rows, the shared expert's), timed in the same rounds: the "
              f"bound of the per-expert segments path, which auto runs from {num(CPU_GEMM_ROWS[-1], 0)} rows per "
