@@ -17,8 +17,12 @@ from hardware.profile import Profile
 from hardware.timing import time_fn
 
 COPY_BYTES = 256 * 2**20
-# square matmul size: 2048 on CPUs (AMX/AVX-512 reach their peak there; 1024 stays ~half of it), 4096 on GPUs
-MATMUL_N = {"cpu": 2048, "cuda": 4096}
+# Square matmul sizes: doubled from MATMUL_MIN_N while one call stays under MATMUL_CALL_S, up to MATMUL_MAX_N. AMX
+# CPUs reach their BF16 peak only from 2048 (1024 reads about half); a CPU without native BF16 takes ~1 s per 2048^3
+# BF16 call, which a fixed size would pay seven times per probe.
+MATMUL_MIN_N = 256
+MATMUL_MAX_N = {"cpu": 2048, "cuda": 4096}
+MATMUL_CALL_S = 0.15
 
 
 def cpu_model() -> str:
@@ -41,19 +45,40 @@ def measure_copy_GBps(device: str) -> tuple[float, str]:
     return 2 * COPY_BYTES / t.median / 1e9, f"measured: copy of {COPY_BYTES >> 20} MiB fp32, median of {len(t.samples)}"
 
 
+def _square(n: int, device: str, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+    """n x n matmul in the layout of a linear layer, A B^T with both operands row-major (torch 2.13's CPU BF16
+    kernel for A B, without native BF16, runs ~70x slower than for A B^T: a layout no layer of the model uses)."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    return lambda: a @ b.mT
+
+
+@cache
+def matmul_size(device: str, dtype: torch.dtype) -> int:
+    """The probe's matmul size on this machine: doubled from MATMUL_MIN_N while one call takes under
+    MATMUL_CALL_S / 8 (the next size costs 8x), capped at MATMUL_MAX_N."""
+    kind = "cuda" if device == "cuda" else "cpu"
+    n = MATMUL_MIN_N
+    while n < MATMUL_MAX_N[kind]:
+        fn = _square(n, device, dtype)
+        fn()  # first call: allocation and kernel selection
+        if time_fn(fn, device=device, warmup=0, min_reps=1, min_time_s=0.0).minimum > MATMUL_CALL_S / 8:
+            break
+        n *= 2
+    return n
+
+
 def matmul_case(device: str, dtype: torch.dtype) -> tuple[Callable[[], torch.Tensor], float, str]:
     """The probe's dense matmul: (a callable running it, its FLOPs 2n^3, a description). Shared with benchmarks
     that time it side by side with their workload, so both see the same machine state."""
-    n = MATMUL_N["cuda" if device == "cuda" else "cpu"]
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    return (lambda: a @ b), 2.0 * n**3, f"{n}^3 {str(dtype).removeprefix('torch.')} matmul"
+    n = matmul_size(device, dtype)
+    return _square(n, device, dtype), 2.0 * n**3, f"{n}^3 {str(dtype).removeprefix('torch.')} matmul (A B^T)"
 
 
 def measure_matmul_TFLOPS(device: str, dtype: torch.dtype) -> tuple[float, str]:
     """Dense matmul throughput of `matmul_case` in `dtype`."""
     fn, flops, what = matmul_case(device, dtype)
-    t = time_fn(fn, device=device, warmup=2, min_reps=5, min_time_s=0.3)
+    t = time_fn(fn, device=device, warmup=1, min_reps=5, min_time_s=0.3)
     return flops / t.median / 1e12, f"measured: {what}, median of {len(t.samples)}"
 
 

@@ -89,7 +89,9 @@ def test_nan_in_one_row_stays_in_that_row():
             out = torch.cat([layer(x, 0, cache), layer(x[:, :1], 6, cache)], 1)
             assert bool(torch.isfinite(out[[0, 2]]).all())
             assert bool(torch.isnan(out[1, 2:]).all())  # (earlier positions may see it too: 0 x NaN in P @ V)
-            assert torch.equal(out[0, :6], layer(x[:1])[0])
+            # the same row alone: a float64 identity (BLAS may block a batch of 3 differently from 1 row)
+            alone = layer(x[:1])[0]
+            assert float((out[0, :6] - alone).norm() / alone.norm()) <= 1e-12
 
 
 def test_padding_rows_return_zeros_and_are_not_cached():
