@@ -13,7 +13,7 @@ from torch import nn
 
 from dsv3ref.config import ConfigError, ModelConfig
 from dsv3ref.kv_cache import KVCache, Span, attend_heads
-from dsv3ref.mla import check_hidden
+from dsv3ref.layers import check_hidden
 from dsv3ref.rope import Rotary, softmax_scale
 
 

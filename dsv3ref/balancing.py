@@ -1,5 +1,5 @@
-"""Load balancing for DeepSeekMoE: the auxiliary-loss-free bias update, the sequence-wise balance loss, load
-statistics, and the balancing experiment (a stream of batches with skewed router logits).
+"""Load balancing for DeepSeekMoE: the auxiliary-loss-free bias update, the sequence-wise balance loss and load
+statistics.
 
 Bias update (DeepSeek-V3 report §2.1.2, as torchtitan implements it): after each step, every over-loaded
 expert's bias goes down by gamma and every under-loaded one's goes up, the change centred to sum to zero.
@@ -12,9 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from dsv3ref.config import MoEConfig
-from dsv3ref.moe import select_experts
 
 GAMMA = 0.001  # bias update speed for the first 14.3T tokens of DeepSeek-V3 (0 for the last 500B)
 ALPHA = 0.0001  # sequence-wise balance loss factor of DeepSeek-V3
@@ -104,52 +101,3 @@ def load_stats(load: torch.Tensor) -> LoadStats:
         raise BalancingInputError("load: expected at least one routed token, got all zeros")
     return LoadStats(load.max().item() / mean, load.std(correction=0).item() / mean, int(load.min()),
                      int(load.max()), mean)
-
-
-@dataclass(frozen=True)
-class BalancingRun:
-    """One run of the balancing experiment: the load statistic after each step, and the final window's load."""
-
-    gamma: float
-    max_over_mean: tuple[float, ...]  # per step, of the load summed over the last `window` batches
-    final_load: torch.Tensor
-    window: int
-
-    @property
-    def final(self) -> LoadStats:
-        return load_stats(self.final_load)
-
-    def first_step_at_or_below(self, threshold: float) -> int | None:
-        """The first step (1-based) whose windowed max/mean is <= threshold, or None."""
-        return next((i + 1 for i, v in enumerate(self.max_over_mean) if v <= threshold), None)
-
-
-def skewed_logits(generator: torch.Generator, tokens: int, skew: torch.Tensor) -> torch.Tensor:
-    """Router logits [tokens, E] for one batch: N(0, 1) per token and expert plus a fixed per-expert skew."""
-    return torch.randn(tokens, skew.numel(), generator=generator) + skew
-
-
-def run_balancing(moe: MoEConfig, steps: int, tokens: int, gamma: float, skew_std: float = 1.0, window: int = 10,
-                  seed: int = 0) -> BalancingRun:
-    """Route a stream of `steps` batches of skewed logits (skew ~ N(0, skew_std) per expert, fixed per seed) with
-    `moe`'s routing and a bias updated after each batch by `gamma` (0: no balancing); the same seed gives the
-    same stream for every gamma."""
-    if steps < 1 or tokens < 1 or window < 1:
-        raise BalancingInputError(f"steps, tokens, window: expected >= 1, got {steps}, {tokens}, {window}")
-    if gamma and not moe.bias:
-        raise BalancingInputError("moe.bias: the bias update needs a config with a selection bias (bias = true)")
-    e = moe.n_routed_experts
-    gen = torch.Generator().manual_seed(seed)
-    skew = torch.randn(e, generator=gen) * skew_std
-    bias = torch.zeros(e) if moe.bias else None  # fp32, as the official selection bias
-    score = torch.sigmoid if moe.score_func == "sigmoid" else lambda z: z.softmax(dim=-1)
-    loads: list[torch.Tensor] = []
-    curve: list[float] = []
-    for _ in range(steps):
-        indices = select_experts(score(skewed_logits(gen, tokens, skew)), bias, moe)
-        load = expert_load(indices, e)
-        if bias is not None:
-            apply_bias_update_(bias, load, gamma)
-        loads = (loads + [load])[-window:]
-        curve.append(load_stats(torch.stack(loads).sum(dim=0)).max_over_mean)
-    return BalancingRun(gamma, tuple(curve), torch.stack(loads).sum(dim=0), window)

@@ -21,6 +21,9 @@ from typing import Any
 ATTENTION_KINDS = ("mha", "gqa", "mqa", "mla")
 SCORE_FUNCS = ("sigmoid", "softmax")
 ROPE_KINDS = ("default", "yarn", "llama3")
+# MLA's two executions of the same weights (the official attn_impl): per-head K/V, or attention over the latent
+# with W_UK folded into the query and W_UV applied after it
+MLA_MODES = ("naive", "absorbed")
 
 
 class ConfigError(ValueError):

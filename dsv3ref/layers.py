@@ -1,4 +1,5 @@
-"""Shared building blocks: RMSNorm and the SwiGLU MLP (state-dict names as in the official checkpoint)."""
+"""Shared building blocks: RMSNorm, the SwiGLU MLP (state-dict names as in the official checkpoint) and the input
+check of every attention layer."""
 
 from __future__ import annotations
 
@@ -39,3 +40,14 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(swiglu(self.w1(x), self.w3(x)))
+
+
+def check_hidden(x: torch.Tensor, dim: int, dtype: torch.dtype) -> None:
+    """Raise ValueError unless x is a [batch >= 1, seq_len >= 1, dim] tensor of `dtype` (the layer's)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != dim:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x: expected a tensor of shape [batch, seq_len, {dim}], got {got}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"x: expected at least one sequence and one token, got shape {tuple(x.shape)}")
+    if x.dtype != dtype:
+        raise ValueError(f"x: expected dtype {dtype} (the layer's), got {x.dtype}")

@@ -20,23 +20,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dsv3ref.config import ConfigError, ModelConfig
+from dsv3ref.config import MLA_MODES, ConfigError, ModelConfig
 from dsv3ref.kv_cache import BLOCK_SIZE, KVCache, LatentCache, PagedLatentCache, Span, attend_heads, masked_softmax
-from dsv3ref.layers import RMSNorm
+from dsv3ref.layers import RMSNorm, check_hidden
 from dsv3ref.rope import Rotary, softmax_scale
-
-MODES = ("naive", "absorbed")
-
-
-def check_hidden(x: torch.Tensor, dim: int, dtype: torch.dtype) -> None:
-    """Raise ValueError unless x is a [batch >= 1, seq_len >= 1, dim] tensor of `dtype` (the layer's)."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != dim:
-        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"x: expected a tensor of shape [batch, seq_len, {dim}], got {got}")
-    if x.shape[0] == 0 or x.shape[1] == 0:
-        raise ValueError(f"x: expected at least one sequence and one token, got shape {tuple(x.shape)}")
-    if x.dtype != dtype:
-        raise ValueError(f"x: expected dtype {dtype} (the layer's), got {x.dtype}")
 
 
 class MLA(nn.Module):
@@ -47,8 +34,8 @@ class MLA(nn.Module):
         a = cfg.attention
         if a.kind != "mla":
             raise ConfigError(f"attention.kind: MLA needs kind 'mla', got {a.kind!r}")
-        if mode not in MODES:
-            raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
+        if mode not in MLA_MODES:
+            raise ValueError(f"mode: expected one of {', '.join(MLA_MODES)}, got {mode!r}")
         self.cfg, self.mode = cfg, mode
         self.dim, self.n_heads = cfg.hidden_size, a.num_heads
         self.q_lora_rank, self.kv_lora_rank = a.q_lora_rank, a.kv_lora_rank

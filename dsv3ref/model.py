@@ -25,12 +25,12 @@ class Block(nn.Module):
     """Pre-norm residual block: h + attn(attn_norm(h)), then + ffn(ffn_norm(h))."""
 
     def __init__(self, layer_id: int, cfg: ModelConfig, attn_mode: str = "absorbed",
-                 moe_impl: str = "grouped") -> None:
+                 moe_backend: str = "auto") -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.attn = MLA(cfg, mode=attn_mode)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.ffn = MoE(cfg, impl=moe_impl) if cfg.is_moe_layer(layer_id) else MLP(cfg.hidden_size,
+        self.ffn = MoE(cfg, backend=moe_backend) if cfg.is_moe_layer(layer_id) else MLP(cfg.hidden_size,
                                                                                    cfg.intermediate_size)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -41,11 +41,12 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """tokens [B, S] (int) -> logits [B, S, vocab], one causal pass (no cache; training and scoring).
 
-    `attn_mode` is MLA's "absorbed" (default) or "naive"; `moe_impl` is MoE's "grouped" (default) or
-    "reference". Weights are initialised N(0, init_std) (linear, embedding, router), norms to one.
+    `attn_mode` is MLA's "absorbed" (default) or "naive"; `moe_backend` is how MoE layers run their routed
+    experts ("auto", default; "loop", the reference; see `dsv3ref.backends`). Weights are initialised
+    N(0, init_std) (linear, embedding, router), norms to one.
     """
 
-    def __init__(self, cfg: ModelConfig, attn_mode: str = "absorbed", moe_impl: str = "grouped",
+    def __init__(self, cfg: ModelConfig, attn_mode: str = "absorbed", moe_backend: str = "auto",
                  init_std: float = 0.02) -> None:
         super().__init__()
         if cfg.attention.kind != "mla":
@@ -54,7 +55,7 @@ class Transformer(nn.Module):
             raise ConfigError(f"init_std: expected a positive value, got {init_std!r}")
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(i, cfg, attn_mode, moe_impl) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(Block(i, cfg, attn_mode, moe_backend) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:

@@ -38,14 +38,15 @@ def _load_model(spec: str) -> ModelConfig:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    models = [ModelConfig.preset(n) for n in DEFAULT_MODELS] + [_load_model(s) for s in args.model]
+    chosen = [_load_model(s) for s in args.model]
+    models = [ModelConfig.preset(n) for n in DEFAULT_MODELS] + chosen
     declared = [load_profile(n) for n in (args.profile or profile_names()) if n != "local"]  # validated first
     torch.set_num_threads(args.threads or os.cpu_count() or 1)  # every measurement records this count
     device = "cuda" if torch.cuda.is_available() else "cpu"
     progress_to_stderr("probing the local machine ...")
     local = load_profile("local")
     ctx = ReportContext(models=tuple(models), profiles=(local, *declared), local=local, device=device,
-                        full=args.full, progress=progress_to_stderr)
+                        full=args.full, chosen=tuple(chosen), progress=progress_to_stderr)
     tables = run_sections(ctx, progress_to_stderr)
     env = environment(device)
     if args.out:

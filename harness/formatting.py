@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from hardware.timing import quartiles
+from harness.results import Record
+
 
 def num(value: float | None, digits: int = 2) -> str:
     """A number with thousands separators and `digits` decimals; an em dash for None."""
@@ -25,3 +30,16 @@ def deviation(value: float, paper: float | None) -> str:
     if paper is None or paper == 0:
         return "—"
     return f"{(value - paper) / paper * 100:+.2f}%"
+
+
+def with_quartiles(value: float, per_round: Sequence[float], percent: bool = False) -> str:
+    """A median over rounds with its inter-quartile range over rounds: `1.52x (1.41-1.60)` or `62% (60%-70%)`."""
+    q1, q3 = quartiles(per_round)
+    if percent:
+        return f"{value:.0%} ({q1:.0%}-{q3:.0%})"
+    return f"{value:.2f}x ({q1:.2f}-{q3:.2f})"
+
+
+def ratio_cell(record: Record | None) -> str:
+    """A side-by-side speed record (`harness.bench.common.speedup_record`) with its quartiles; a dash for None."""
+    return "—" if record is None else with_quartiles(record.value, record.extra["per_round"])

@@ -1,12 +1,15 @@
 """Registry of components under test and their implementations.
 
-A component (e.g. `costmodel`, `mla`, `moe`, `fp8`) declares the protocol its implementations satisfy; each
-implementation registers a zero-argument factory under a name (`reference` first). The conformance suites are
-written once against the protocol and run against every selected implementation. Users add their own with
-`--dsv3-impl module:factory`: the factory returns an object whose `component` attribute names the component.
+A component (e.g. `costmodel`, `mla`, `moe`, `fp8`) declares the typed Protocol its implementations satisfy
+(`harness.protocols`); each implementation registers a zero-argument factory under a name. `reference` is, in
+every component, dsv3ref's literal evaluation of the paper's formula (MLA's naive per-head attention, MoE's
+per-expert loop, the torch FP8 quantizers, the analytic cost model); the fast paths have their own names
+(`absorbed`, `grouped`, `triton`) and adapters of other libraries theirs (`transformers`). The conformance
+suites are written once against the protocol and run against every selected implementation. Users add their own
+with `--dsv3-impl module:factory`: the factory returns an object whose `component` attribute names the component.
 
-Implementations live in `harness/impls/<component>.py` and register themselves on import; `load_all()` imports
-every module of that package, so adding a component touches no other file.
+The built-in implementations are adapters in `harness/adapters/<component>.py`, which register themselves on
+import; `load_all()` imports every module of that package, so adding a component touches no other file.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from harness.protocols import members
+
 
 class UsageError(ValueError):
     """Bad command-line or plugin usage; reported as one line, exit code 2."""
@@ -25,12 +30,18 @@ class UsageError(ValueError):
 
 @dataclass(frozen=True)
 class Component:
-    """A thing under test and the attribute names its implementations must provide."""
+    """A thing under test, the Protocol its implementations satisfy and the properties they may declare not
+    applicable."""
 
     name: str
     description: str
-    required: tuple[str, ...]
-    properties: tuple[str, ...] = ()  # named properties an implementation may declare not applicable
+    protocol: type
+    properties: tuple[str, ...] = ()
+
+    @property
+    def required(self) -> tuple[str, ...]:
+        """The attributes and methods an implementation must have (the protocol's members)."""
+        return members(self.protocol)
 
 
 @dataclass(frozen=True)
@@ -66,11 +77,10 @@ _REG = _Registry()
 COMPONENTS = _REG.components
 
 
-def register_component(name: str, description: str, required: tuple[str, ...],
-                       properties: tuple[str, ...] = ()) -> Component:
+def register_component(name: str, description: str, protocol: type, properties: tuple[str, ...] = ()) -> Component:
     """Declare a component; a second, different declaration of the same name is an error (an identical one, as
     when a module is imported again, returns the first)."""
-    comp = Component(name, description, required, properties)
+    comp = Component(name, description, protocol, properties)
     if _REG.components.setdefault(name, comp) != comp:
         raise ValueError(f"component {name!r} is already registered differently")
     return _REG.components[name]
@@ -91,10 +101,10 @@ def register_impl(component: str, name: str, factory: Callable[[], Any], descrip
 
 
 def load_all() -> None:
-    """Import every module of `harness.impls` so that all built-in components and implementations register."""
+    """Import every module of `harness.adapters` so that all built-in components and implementations register."""
     if _REG.loaded:
         return
-    import harness.impls as pkg
+    import harness.adapters as pkg
 
     for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
         importlib.import_module(f"{pkg.__name__}.{info.name}")

@@ -30,14 +30,20 @@ class Table:
 
 @dataclass(frozen=True)
 class ReportContext:
-    """What a section may use: the selected models and profiles (local first), the device, and a progress hook."""
+    """What a section may use: the models (the defaults and those named with --model) and profiles (local first),
+    the models named with --model alone (`chosen`), the device, and a progress hook."""
 
     models: tuple[ModelConfig, ...]
     profiles: tuple[Profile, ...]
     local: Profile
     device: str
     full: bool
+    chosen: tuple[ModelConfig, ...] = ()
     progress: Callable[[str], None] = print
+
+    def measured_models(self, fits: Callable[[ModelConfig], bool], default: ModelConfig) -> list[ModelConfig]:
+        """The models a measured table runs: those named with --model that it can run (`fits`), else `default`."""
+        return [m for m in self.chosen if fits(m)] or [default]
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,12 @@ import torch
 from torch import nn
 
 from dsv3ref.config import ModelConfig
-from dsv3ref.fp8 import calc_diff, fp8_gemm, quant
+from dsv3ref.fp8 import fp8_gemm, quant
 from dsv3ref.fp8.linear import LowPrecisionLinear, convert_linears, fp8_linear, low_precision_linear
 from dsv3ref.fp8.quant import FP8Error
 from dsv3ref.model import Transformer
 from dsv3ref.train import precision_context
+from harness.numerics import CALC_DIFF_BF16, CALC_DIFF_FP8, calc_diff
 
 
 def _case(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -35,7 +36,7 @@ def test_fp8_gemms_are_the_documented_compositions():
     assert torch.equal(w.grad, dw)
 
 
-@pytest.mark.parametrize("recipe,limit", [("fp8", 1e-3), ("bf16", 1e-5)])
+@pytest.mark.parametrize("recipe,limit", [("fp8", CALC_DIFF_FP8), ("bf16", CALC_DIFF_BF16)])
 def test_gemms_against_fp64(recipe, limit):
     # DeepGEMM's thresholds: calc_diff < 1e-3 for FP8 GEMMs, < 1e-5 for BF16, against fp64 of the same inputs.
     x, w, g = _case(1)
@@ -61,7 +62,7 @@ def test_dtypes_under_autocast():
 
 def test_convert_a_model():
     torch.manual_seed(0)
-    model = Transformer(ModelConfig.preset("dsv3-tiny"), attn_mode="naive", moe_impl="reference")
+    model = Transformer(ModelConfig.preset("dsv3-tiny"), attn_mode="naive", moe_backend="loop")
     names, weights = list(model.state_dict()), {n: p for n, p in model.named_parameters()}
     swapped = convert_linears(model, "fp8")
     assert list(model.state_dict()) == names

@@ -1,4 +1,4 @@
-"""dsv3ref.fp8 internals: power-of-two rounding, scale shapes, transposes, the reference GEMM and calc_diff."""
+"""dsv3ref.fp8 internals: power-of-two rounding, scale shapes, transposes and the reference GEMM."""
 
 from __future__ import annotations
 
@@ -89,13 +89,3 @@ def test_gemm_argument_errors():
         gemm.fp8_gemm(qa, sa, qb, sb, torch.int32)
     with pytest.raises(FP8Error, match="^b: expected 256 columns"):
         gemm.fp8_gemm(qa, sa, qb[:, :100], sb)
-
-
-def test_calc_diff():
-    x = torch.randn(100, dtype=torch.float64)
-    assert gemm.calc_diff(x, x) == pytest.approx(0.0, abs=1e-15)
-    # y = a x gives (1 - a)^2 / (1 + a^2) (float64 identity to ~1e-12)
-    assert gemm.calc_diff(x, 1.1 * x) == pytest.approx(0.01 / 2.21, rel=1e-10)
-    assert gemm.calc_diff(torch.zeros(3), torch.zeros(3)) == 0.0
-    with pytest.raises(FP8Error, match="^y: expected the shape"):
-        gemm.calc_diff(torch.zeros(3), torch.zeros(4))

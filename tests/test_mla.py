@@ -188,7 +188,7 @@ def test_analytic_layer_flops_argument_errors():
 
 def test_transformers_adapter_rejects_what_a_dynamic_cache_cannot_do():
     pytest.importorskip("transformers")
-    from harness.impls.mla import TransformersMLA
+    from harness.adapters.mla import TransformersMLA
 
     naive, _ = pair()
     impl = TransformersMLA()

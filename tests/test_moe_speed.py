@@ -11,8 +11,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from hardware.timing import Timing
 from harness.analytic.flops import moe_layer_fwd_flops_per_token
+from harness.bench.moe import BOUND, MID_CFG, PEAK, SpeedBench, speed_records
+from harness.formatting import with_quartiles
 from harness.results import Record
-from harness.sections.moe import BOUND, MID_CFG, PEAK, SpeedBench, _fraction_cell, speed_records
 
 # MID_CFG's routing (64 experts, top-6, 8 groups / 4, bias, one shared expert) at a small width
 SMALL = MID_CFG.replace(name="moe-small", hidden_size=64,
@@ -21,7 +22,7 @@ SMALL = MID_CFG.replace(name="moe-small", hidden_size=64,
 
 @pytest.fixture(scope="module")
 def bench() -> SpeedBench:
-    return SpeedBench(cfg=SMALL, with_transformers=False)
+    return SpeedBench(SMALL, with_transformers=False, dtype=torch.float32)
 
 
 @pytest.mark.parametrize("tokens", [1, 7, 300])
@@ -53,10 +54,11 @@ def test_speed_records_are_per_round_ratios(bench):
     grouped = Timing((1.0, 2.0, 4.0))
     timings = {"grouped": grouped, "loop": Timing((3.0, 4.0, 4.0)), PEAK: Timing((0.5, 1.0, 1.0)),
                BOUND: Timing((0.5, 1.0, 2.0))}
-    records = {(r.metric, r.subject): r for r in speed_records(bench, tokens, timings, threads=2)}
+    records = {(r.metric, r.subject): r for r in speed_records(bench, tokens, timings)}
     assert set(records) == {("moe_speedup", "grouped-vs-loop"), ("achieved_compute_fraction", "grouped"),
                             ("achieved_compute_fraction", BOUND)}
     assert records["moe_speedup", "grouped-vs-loop"].value == 2.0  # median of 3, 2, 1
+    assert records["moe_speedup", "grouped-vs-loop"].extra["per_round"] == [3.0, 2.0, 1.0]
     _, matmul_flops, _ = bench.matmul
     flops = moe_layer_fwd_flops_per_token(SMALL) * tokens
     # per round (F / t) / (F_mm / t_mm): median of t_mm / t = 0.5, 0.5, 0.25 -> 0.5 (grouped); 1, 1, 0.5 -> 1
@@ -71,4 +73,5 @@ def test_speed_records_are_per_round_ratios(bench):
 def test_fraction_cell_shows_the_median_and_the_quartiles_over_rounds():
     record = Record("achieved_compute_fraction", "grouped", 0.62, "ratio", kind="measured",
                     extra={"per_round": [0.5, 0.6, 0.62, 0.7, 1.4]})
-    assert _fraction_cell(record) == "62% (60%-70%)"  # a phase-crossing round (140%) stays out of the quartiles
+    # a phase-crossing round (140%) stays out of the quartiles
+    assert with_quartiles(record.value, record.extra["per_round"], percent=True) == "62% (60%-70%)"

@@ -25,7 +25,7 @@ def test_needs_gpu():
 """
 
 USER_IMPL = """
-from harness.impls.costmodel import ReferenceCostModel
+from harness.adapters.costmodel import ReferenceCostModel
 
 class Broken(ReferenceCostModel):
     def kv_cache_bytes_per_token(self, cfg, dtype="bf16"):

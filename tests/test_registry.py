@@ -18,14 +18,14 @@ def test_costmodel_is_registered_with_a_reference():
 def test_redeclaring_a_component_differently_is_an_error():
     registry.load_all()
     comp = registry.COMPONENTS["costmodel"]
-    assert registry.register_component(comp.name, comp.description, comp.required) == comp
+    assert registry.register_component(comp.name, comp.description, comp.protocol, comp.properties) == comp
     with pytest.raises(ValueError, match="already registered differently"):
-        registry.register_component("costmodel", "other", ("x",))
+        registry.register_component("costmodel", "other", comp.protocol)
 
 
 def test_protocol_check_names_missing_attributes():
     registry.load_all()
-    with pytest.raises(UsageError, match="lacks kv_cache_bytes_per_token"):
+    with pytest.raises(UsageError, match="lacks component, kv_cache_bytes_per_token"):
         registry.check_protocol(registry.COMPONENTS["costmodel"], object(), "mine")
 
 

@@ -23,7 +23,7 @@ def corpus():
 
 def _model(seed: int = 0) -> Transformer:
     torch.manual_seed(seed)
-    return Transformer(TINY, attn_mode="naive", moe_impl="reference")
+    return Transformer(TINY, attn_mode="naive", moe_backend="loop")
 
 
 def test_learning_rate_schedule():

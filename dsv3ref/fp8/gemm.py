@@ -1,4 +1,4 @@
-"""Block-scaled FP8 GEMM (torch reference) and DeepGEMM's similarity metric `calc_diff`.
+"""Block-scaled FP8 GEMM (torch reference).
 
 C = A B^T with A [M, K] in 1x128 tiles and B [N, K] in 128x128 blocks (forward and dgrad) or in 1x128 tiles
 (wgrad, both operands quantized along the reduced token dim). Per 128-wide K block the FP8 product is
@@ -61,17 +61,3 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
             partial = af[:, cols] @ bf[:, cols].mT  # [M, N], exact products, fp32 sums
             acc += partial.mul_(a_s[:, kb, None]).mul_(b_s_rows[None, :, kb])
     return acc.to(out_dtype)
-
-
-def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
-    """DeepGEMM's similarity 1 - 2 sum(xy) / sum(x^2 + y^2) in float64 (0 when both are all-zero).
-
-    Not a cosine: for y = a x it is (1 - a)^2 / (1 + a^2), so 1e-3 is about a 4.5% scale error.
-    """
-    if x.shape != y.shape:
-        raise FP8Error(f"y: expected the shape of x {tuple(x.shape)}, got {tuple(y.shape)}")
-    x, y = x.detach().double(), y.detach().double()
-    denominator = (x * x + y * y).sum()
-    if denominator == 0:
-        return 0.0
-    return float(1 - 2 * (x * y).sum() / denominator)

@@ -6,8 +6,8 @@ for training). Attention adds the score and value products, which depend on how 
 
 from __future__ import annotations
 
-from dsv3ref.config import ConfigError, ModelConfig
-from harness.analytic.kv_cache import DTYPE_BYTES, MLA_MODES, kv_cache_bytes_per_token_layer
+from dsv3ref.config import MLA_MODES, ConfigError, ModelConfig
+from harness.analytic.kv_cache import DTYPE_BYTES, kv_cache_bytes_per_token_layer
 from harness.analytic.params import attention_params, param_counts
 
 TRAIN_METHODS = ("exact", "paper-table2")

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from dsv3ref.config import AttentionConfig, ConfigError, ModelConfig
+from dsv3ref.config import MLA_MODES, AttentionConfig, ConfigError, ModelConfig
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
-MLA_MODES = ("absorbed", "naive")
 FP8_SCALE_BYTES = 4  # one fp32 dequantisation scale per token of an FP8 latent cache
 FP8_ROPE_KEY_DTYPE = "bf16"  # the FP8 latent cache keeps the small roped key in BF16
 

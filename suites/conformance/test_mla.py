@@ -27,12 +27,13 @@ from dsv3ref.mla import MLA
 from dsv3ref.rope import rope_frequencies, softmax_scale
 from harness.analytic.flops import attention_layer_fwd_flops
 from harness.analytic.kv_cache import kv_cache_bytes_per_token_layer
+from harness.numerics import F64_IDENTITY_RTOL, rel_err
 from harness.pytest_plugin import skip_if_not_applicable
 from harness.strategies import attention_configs
 
 pytestmark = [pytest.mark.conformance, pytest.mark.dsv3_component("mla")]
 
-F64_TOL = 1e-10  # float64 identity: ~1e-16 per operation, a few hundred operations deep
+F64_TOL = F64_IDENTITY_RTOL
 FA_FACTOR = 2.0  # flash-attention rule: FlashAttention's own tests allow twice the error of a plain reference
 LOW_PRECISION = (torch.float32, torch.bfloat16)
 
@@ -115,10 +116,6 @@ def truth(cfg: ModelConfig, w: dict[str, torch.Tensor], x: torch.Tensor, start: 
     scores = scores.masked_fill(~torch.ones(seqlen, seqlen, dtype=torch.bool).tril(), float("-inf"))
     probs = scores.softmax(-1, dtype=torch.promote_types(dtype, torch.float32)).to(dtype)
     return torch.einsum("bhst,bthd->bshd", probs, v).flatten(2) @ w["wo.weight"].T
-
-
-def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((y.double() - ref.double()).norm() / ref.double().norm())
 
 
 def _build(impl, cfg: ModelConfig, w: dict[str, torch.Tensor], dtype: torch.dtype, device: str):  # noqa: ANN001, ANN202

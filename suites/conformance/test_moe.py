@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from dsv3ref.config import ModelConfig, MoEConfig
 from dsv3ref.dispatch import dispatch_layout
+from harness.numerics import F64_IDENTITY_RTOL, max_rel_err
 from harness.pytest_plugin import skip_if_not_applicable
 from harness.registry import not_applicable
 
@@ -24,7 +25,7 @@ pytestmark = [pytest.mark.conformance, pytest.mark.dsv3_component("moe")]
 
 BASE = ModelConfig.preset("dsv3-tiny")
 MARGIN = 1e-5
-FP64_RTOL = 1e-10  # float64 identities (DESIGN.md numerics policy)
+FP64_RTOL = F64_IDENTITY_RTOL
 # A router that computes in fp32 (as transformers does) sees the fp64 weights and inputs rounded to fp32 (2^-24
 # relative), so logits, scores and weights carry ~1e-7 relative error; 1e-5 bounds it with room for the sums.
 FP32_ROUTER_RTOL = 1e-5
@@ -146,9 +147,8 @@ def rtol(impl: object) -> float:
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, rel: float) -> None:
-    scale = expected.abs().max().item() or 1.0
-    err = (actual.double() - expected.double()).abs().max().item()
-    assert err <= rel * scale, f"max abs error {err:.3e} > {rel:.1e} x max |expected| {scale:.3e}"
+    err = max_rel_err(actual, expected)
+    assert err <= rel, f"max |error| / max |expected| = {err:.3e} > {rel:.1e}"
 
 
 def routed(impl: object, cfg: ModelConfig, state: dict[str, torch.Tensor],

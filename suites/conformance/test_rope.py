@@ -160,7 +160,7 @@ def test_frequencies_and_scale_match_transformers(name):
     if cfg.attention.kind == "mla":
         from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention
 
-        from harness.impls.mla import hf_config
+        from harness.adapters.mla import hf_config
 
         hf = hf_config(cfg)
         with torch.device("meta"):

@@ -7,17 +7,14 @@ correctness tool); `slow` marks the large shapes.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from hardware.probe import probe_local
-from hardware.roofline import achieved_fraction_of_bandwidth
 from hardware.timing import time_interleaved
 from harness.analytic.flops import gemm_flops
-from harness.results import Record
-from harness.sections.fp8 import KernelBench
+from harness.bench.common import conditions, speedup_record
+from harness.bench.fp8 import KernelBench, gemm_record, quant_record
 
 pytestmark = [pytest.mark.perf, pytest.mark.dsv3_component("fp8")]
 
@@ -25,12 +22,6 @@ QUANT_ROWS = [pytest.param(64, id="64x7168"), pytest.param(4096, id="4096x7168",
 GEMMS = [pytest.param(16, 576, 2048, id="16x576x2048"),
          pytest.param(128, 2112, 7168, id="128x2112x7168", marks=pytest.mark.slow)]
 V3_GPU_GEMMS = [(4096, 2112, 7168), (4096, 4096, 7168), (4096, 7168, 2048), (4096, 24576, 1536)]
-
-
-def _pin_threads() -> int:
-    """Every logical core, as the measurement policy asks; the count goes into the records."""
-    torch.set_num_threads(os.cpu_count() or 1)
-    return torch.get_num_threads()
 
 
 def _skip_interpreter(impl) -> None:
@@ -43,35 +34,23 @@ def _skip_interpreter(impl) -> None:
 
 @pytest.mark.parametrize("rows", QUANT_ROWS)
 @pytest.mark.parametrize("layout", ["1x128", "128x128"])
-def test_quantizer_bandwidth(impl, dsv3_device, dsv3_results, benchmark, rows, layout):
+def test_quantizer_bandwidth(impl, impl_name, dsv3_device, dsv3_results, dsv3_threads, benchmark, rows, layout):
     _skip_interpreter(impl)
-    n_threads = _pin_threads()
-    bench = KernelBench(impl, dsv3_device, reps=5)
     x = torch.randn(rows, 7168, device=dsv3_device).bfloat16()
     quantize = impl.quant_1x128 if layout == "1x128" else impl.quant_128x128
     benchmark.pedantic(quantize, args=(x,), rounds=3, iterations=1, warmup_rounds=1)
-    moved, seconds, samples = bench.quant(rows)[layout]
-    fraction = achieved_fraction_of_bandwidth(probe_local(), moved, seconds)
-    dsv3_results.add(Record("achieved_bandwidth_fraction", f"fp8-quant-{layout}", fraction, "ratio",
-                            kind="measured", profile="local", method="bf16-input",
-                            extra={"rows": rows, "k": 7168, "bytes": moved, "samples_s": samples,
-                                   "threads": n_threads, "device": dsv3_device}))
+    moved, timing = KernelBench(impl, dsv3_device, reps=5).quant(rows)[layout]
+    dsv3_results.add(quant_record(impl_name, layout, rows, moved, timing, probe_local(), dsv3_device))
 
 
 @pytest.mark.parametrize("m,n,k", GEMMS)
-def test_gemm_vs_bf16_matmul(impl, dsv3_device, dsv3_results, benchmark, m, n, k):
+def test_gemm_vs_bf16_matmul(impl, impl_name, dsv3_device, dsv3_results, dsv3_threads, benchmark, m, n, k):
     _skip_interpreter(impl)
-    n_threads = _pin_threads()
     a, b = torch.randn(m, k, device=dsv3_device).bfloat16(), torch.randn(n, k, device=dsv3_device).bfloat16()
     qa, qb = impl.quant_1x128(a), impl.quant_128x128(b)
     benchmark.pedantic(impl.fp8_gemm, args=(*qa, *qb), rounds=3, iterations=1, warmup_rounds=1)
-    t = KernelBench(impl, dsv3_device, reps=5).gemm(m, n, k)
-    speedup = t["bf16"][0] / t["fp8"][0]
-    dsv3_results.add(Record("fp8_gemm_speedup", "fp8-gemm-vs-bf16-matmul", speedup, "ratio", kind="measured",
-                            profile="local", extra={"M": m, "N": n, "K": k, "samples_fp8_s": t["fp8"][1],
-                                                    "samples_bf16_s": t["bf16"][1], "threads": n_threads,
-                                                    "device": dsv3_device,
-                                                    "fp8_TFLOPS": gemm_flops(m, n, k) / t["fp8"][0] / 1e12}))
+    timings = KernelBench(impl, dsv3_device, reps=5).gemm(m, n, k)
+    dsv3_results.add(gemm_record(impl_name, m, n, k, timings, dsv3_device))
 
 
 @pytest.mark.gpu
@@ -90,9 +69,7 @@ def test_gemm_vs_scaled_mm(impl, dsv3_device, dsv3_results, benchmark, m, n, k):
     benchmark.pedantic(fns["fp8"], rounds=3, iterations=1, warmup_rounds=1)
     t = time_interleaved(fns, device="cuda", warmup=3, reps=20)
     flops = gemm_flops(m, n, k)
-    dsv3_results.add(Record("fp8_gemm_speedup", "fp8-gemm-vs-scaled-mm", t["scaled_mm"].median / t["fp8"].median,
-                            "ratio", kind="measured", profile="local",
-                            extra={"M": m, "N": n, "K": k, "fp8_TFLOPS": flops / t["fp8"].median / 1e12,
-                                   "scaled_mm_TFLOPS": flops / t["scaled_mm"].median / 1e12,
-                                   "samples_fp8_s": list(t["fp8"].samples),
-                                   "samples_scaled_mm_s": list(t["scaled_mm"].samples)}))
+    extra = {"M": m, "N": n, "K": k, "fp8_TFLOPS": flops / t["fp8"].median / 1e12,
+             "scaled_mm_TFLOPS": flops / t["scaled_mm"].median / 1e12, **conditions("cuda")}
+    dsv3_results.add(speedup_record("fp8_gemm_speedup", "fp8-gemm-vs-scaled-mm", t["scaled_mm"], t["fp8"], extra,
+                                    unit="ratio"))

@@ -1,26 +1,25 @@
 """Performance of one attention layer's decode step: absorbed MLA vs naive MLA vs transformers' DeepseekV3Attention
-(same weights, same cached state) vs a GQA baseline layer, across context lengths and batch sizes, in BF16.
+(same weights, same cached state) vs a GQA baseline layer, across context lengths and batch sizes.
 
 Each step is benchmarked with pytest-benchmark (bytes read per step in extra_info); the speed ratios are measured
-side by side in one run (A B C A B C ...) and recorded as `mla_decode_speedup`, with the absorbed step's
+side by side in one run and recorded as `mla_decode_speedup`, with the absorbed step's
 `achieved_bandwidth_fraction` of the local memory bandwidth, to --dsv3-results. No time is asserted.
 The small dsv3-small cases run in CI (`-m perf --benchmark-disable`); real V3 dimensions are `slow`.
+Workload: harness.bench.mla.DecodeBench, in the machine's working dtype (harness.bench.common.working_dtype).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import pytest
 import torch
 
 from dsv3ref.config import ModelConfig
 from hardware.probe import probe_local
-from hardware.roofline import achieved_fraction_of_bandwidth
-from hardware.timing import time_interleaved
-from harness.results import Record
-from harness.sections.mla import HF_MAX_CONTEXT, DecodeBench
+from harness.bench.common import working_dtype
+from harness.bench.mla import HF_MAX_CONTEXT, DecodeBench, run_decode, transformers_installed
+from harness.numerics import CALC_DIFF_FP8
 
 pytestmark = [pytest.mark.perf, pytest.mark.dsv3_component("mla")]
 
@@ -37,62 +36,44 @@ CASES = [
     *(pytest.param(V3, QWEN, context, batch, id=f"v3-ctx{context}-b{batch}", marks=pytest.mark.slow)
       for context, batch in ((512, 1), (4096, 1), (16384, 1), (4096, 4))),
 ]
-MODES = ("absorbed", "naive", "transformers", "gqa")
+STEPS = ("absorbed", "naive", "transformers", "gqa")
 
 
 @pytest.fixture(scope="module")
 def benches(dsv3_device):  # noqa: ANN001, ANN201
-    """DecodeBench per case, built once per module (real-dimension layers take seconds to set up); CPU threads
-    pinned to every core, the count recorded with each result."""
-    torch.set_num_threads(os.cpu_count() or 1)
+    """DecodeBench per case, built once per module (real-dimension layers take seconds to set up)."""
     built: dict[tuple, DecodeBench] = {}
+    dtype = working_dtype(probe_local())
 
     def get(cfg: ModelConfig, baseline: ModelConfig, context: int, batch: int) -> DecodeBench:
         key = (cfg.name, context, batch)
         if key not in built:
             built.clear()  # one case at a time: V3 caches at 16k take gigabytes
-            hf = batch == 1 and context <= HF_MAX_CONTEXT and _has_transformers()
-            built[key] = DecodeBench(cfg, context, batch, dsv3_device, hf, baseline)
+            hf = batch == 1 and context <= HF_MAX_CONTEXT and transformers_installed()
+            built[key] = DecodeBench(cfg, context, batch, dsv3_device, hf, baseline, dtype)
         return built[key]
 
     return get
 
 
-def _has_transformers() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("transformers") is not None
-
-
 @pytest.mark.parametrize("cfg, baseline, context, batch", CASES)
-@pytest.mark.parametrize("mode", MODES)
-def test_decode_step(benchmark, benches, mode, cfg, baseline, context, batch):
+@pytest.mark.parametrize("step", STEPS)
+def test_decode_step(benchmark, benches, dsv3_threads, step, cfg, baseline, context, batch):
     bench = benches(cfg, baseline, context, batch)
-    if mode not in bench.steps:
-        pytest.skip(f"{mode}: not run here (transformers only at batch 1 up to context {HF_MAX_CONTEXT}, if installed)")
-    benchmark.extra_info.update(context=context, batch=batch, threads=torch.get_num_threads(),
-                                bytes_per_step=bench.bytes_per_step(mode),
-                                model=baseline.name if mode == "gqa" else cfg.name)
-    out = benchmark.pedantic(bench.steps[mode], rounds=5 if context <= 4096 else 3, warmup_rounds=1)
+    if step not in bench.steps:
+        pytest.skip(f"{step}: not run here (transformers only at batch 1 up to context {HF_MAX_CONTEXT}, if installed)")
+    benchmark.extra_info.update(context=context, batch=batch, threads=dsv3_threads,
+                                bytes_per_step=bench.bytes_per_step(step),
+                                model=baseline.name if step == "gqa" else cfg.name)
+    out = benchmark.pedantic(bench.steps[step], rounds=5 if context <= 4096 else 3, warmup_rounds=1)
     assert bool(torch.isfinite(out).all())
 
 
 @pytest.mark.parametrize("cfg, baseline, context, batch", CASES)
-def test_decode_ratios_side_by_side(benches, dsv3_results, dsv3_device, cfg, baseline, context, batch):
+def test_decode_ratios_side_by_side(benches, dsv3_results, dsv3_threads, cfg, baseline, context, batch):
     bench = benches(cfg, baseline, context, batch)
     agreement = bench.agreement()
-    assert max(agreement.values()) < 1e-3  # same state: the MLA steps compute the same attention (BF16)
-    times = time_interleaved(bench.steps, device=dsv3_device, warmup=1, reps=5)
-    median = {name: t.median for name, t in times.items()}
-    extra = {"context": context, "batch": batch, "threads": torch.get_num_threads(), "dtype": "bf16",
-             "model": cfg.name, "loadavg_1min": os.getloadavg()[0]}
-    for peer in ("naive", "transformers"):
-        if peer in median:
-            dsv3_results.add(Record("mla_decode_speedup", f"absorbed-vs-{peer}", median[peer] / median["absorbed"],
-                                    "x", kind="measured", method="bf16-one-layer",
-                                    extra={**extra, "samples_s": {k: list(times[k].samples)
-                                                                  for k in ("absorbed", peer)}}))
-    fraction = achieved_fraction_of_bandwidth(probe_local(), bench.bytes_per_step("absorbed"), median["absorbed"])
-    dsv3_results.add(Record("achieved_bandwidth_fraction", f"{cfg.name}/mla-absorbed-decode", fraction, "ratio",
-                            kind="measured", profile="local", method="bf16-one-layer",
-                            extra={**extra, "bytes_per_step": bench.bytes_per_step("absorbed")}))
+    assert max(agreement.values()) < CALC_DIFF_FP8  # same state: the MLA steps compute the same attention
+    _, records = run_decode(bench, probe_local(), reps=5)
+    for record in records:
+        dsv3_results.add(record)

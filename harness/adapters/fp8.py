@@ -1,24 +1,16 @@
-"""The `fp8` component: fine-grained FP8 quantizers and the block-scaled GEMM under test.
-
-Protocol (the signatures of dsv3ref.fp8):
-- `quant_1x128(x [..., K], ue8m0=False) -> (q [..., K] float8_e4m3fn, s [..., ceil(K/128)] fp32)`
-- `quant_128x128(w [M, N], ue8m0=False) -> (q [M, N], s [ceil(M/128), ceil(N/128)])`
-- `dequant_1x128(q, s, dtype=float32)`, `dequant_128x128(q, s, dtype=float32)` -> values of `dtype`
-- `fp8_gemm(a [M, K], a_s [M, Kb], b [N, K], b_s [ceil(N/128), Kb] or [N, Kb], out_dtype=bfloat16) -> [M, N]`
-Bad input raises a ValueError subclass naming the argument.
-
-Registered: `reference` (torch, dsv3ref.fp8.quant/gemm) and `triton` (dsv3ref.fp8.triton_kernels: native on CUDA,
-through the Triton interpreter on the CPU). A user kernel declares `component = "fp8"` and may list properties
-it does not support in `not_applicable`.
+"""Component `fp8` (protocol `harness.protocols.FP8Impl`): the built-in implementations, `reference` (torch,
+dsv3ref.fp8.quant/gemm) and `triton` (dsv3ref.fp8.triton_kernels: native on CUDA, through the Triton interpreter
+on the CPU).
 """
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
+from harness.protocols import FP8Impl, members
 from harness.registry import UsageError, register_component, register_impl
 
-REQUIRED = ("quant_1x128", "quant_128x128", "dequant_1x128", "dequant_128x128", "fp8_gemm")
+FUNCTIONS = tuple(m for m in members(FP8Impl) if m != "component")
 PROPERTIES = (
     "ue8m0",  # power-of-two (UE8M0) scales
     "unaligned",  # last dims that are not multiples of 128 (zero-padded scale computation)
@@ -27,12 +19,12 @@ PROPERTIES = (
     "input_errors",  # bad dtypes/shapes raise a ValueError subclass (not an assertion or a crash)
 )
 
-register_component("fp8", "FP8 1x128 / 128x128 quantizers, dequantizers and the block-scaled FP8 GEMM",
-                   required=REQUIRED, properties=PROPERTIES)
+register_component("fp8", "FP8 1x128 / 128x128 quantizers, dequantizers and the block-scaled FP8 GEMM", FP8Impl,
+                   PROPERTIES)
 
 
 def _namespace(module: object) -> SimpleNamespace:
-    return SimpleNamespace(component="fp8", **{name: getattr(module, name) for name in REQUIRED})
+    return SimpleNamespace(component="fp8", **{name: getattr(module, name) for name in FUNCTIONS})
 
 
 def reference() -> SimpleNamespace:

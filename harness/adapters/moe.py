@@ -1,12 +1,6 @@
-"""The `moe` component: implementations of the DeepSeekMoE router and layer under test.
-
-Protocol: `route(cfg, state, x) -> (weights [N, k], indices [N, k])` and `forward(cfg, state, x) -> y [..., D]`,
-where `state` is a state dict in the official names (`gate.weight`, `gate.bias`, `experts.{i}.w1/w2/w3.weight`,
-`shared_experts.w1/w2/w3.weight`) and `x` fixes the dtype and device to compute in.
-
-Registered: `reference` (dsv3ref.moe, per-expert loop), `grouped` (dsv3ref.moe, sorted grouped computation) and,
-with the `hf` extra, `transformers` (DeepseekV3MoE of transformers built from the same weights; its experts
-implementation is eager).
+"""Component `moe` (protocol `harness.protocols.MoEImpl`): the built-in implementations, `reference` (dsv3ref's
+MoE with the per-expert loop), `grouped` (the same layer through the grouped fast paths, backend "auto") and,
+with the `hf` extra, `transformers` (DeepseekV3MoE built from the same weights; eager experts).
 """
 
 from __future__ import annotations
@@ -16,6 +10,7 @@ from torch import nn
 
 from dsv3ref.config import ModelConfig
 from dsv3ref.moe import MoE
+from harness.protocols import MoEImpl
 from harness.registry import register_component, register_impl
 
 PROPERTIES = (
@@ -24,32 +19,32 @@ PROPERTIES = (
     "fp64_router",  # the router computes in the input dtype when it is fp64 (else at most fp32)
     "exact_normaliser",  # sigmoid weights divided by their plain sum, without an epsilon
 )
-HF_EXPERTS = ("eager", "grouped_mm", "batched_mm")
+HF_EXPERTS = ("eager", "grouped_mm", "batched_mm")  # transformers' experts implementations
 
 
-def build_moe(cfg: ModelConfig, state: dict[str, torch.Tensor], x: torch.Tensor, impl: str) -> MoE:
+def build_moe(cfg: ModelConfig, state: dict[str, torch.Tensor], x: torch.Tensor, backend: str) -> MoE:
     """A dsv3ref MoE in x's dtype and device holding `state` (the bias stays fp32 below fp32)."""
-    moe = MoE(cfg, impl=impl).to(device=x.device, dtype=x.dtype)
+    moe = MoE(cfg, backend=backend).to(device=x.device, dtype=x.dtype)
     moe.load_state_dict(state)
     return moe
 
 
 class DsMoE:
-    """dsv3ref.moe.MoE with routed experts run by `impl` ("reference" loop or "grouped")."""
+    """dsv3ref.moe.MoE with its routed experts run by `backend` ("loop", the reference, or "auto")."""
 
     component = "moe"
 
-    def __init__(self, impl: str) -> None:
-        self.impl = impl
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
 
     def route(self, cfg: ModelConfig, state: dict[str, torch.Tensor],
               x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
-            return build_moe(cfg, state, x, self.impl).gate(x)
+            return build_moe(cfg, state, x, self.backend).gate(x)
 
     def forward(self, cfg: ModelConfig, state: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return build_moe(cfg, state, x, self.impl)(x)
+            return build_moe(cfg, state, x, self.backend)(x)
 
 
 def hf_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -124,8 +119,9 @@ class TransformersMoE:
 
 
 register_component("moe", "DeepSeekMoE: group-limited sigmoid/softmax router with selection bias, shared + "
-                   "routed SwiGLU experts", required=("route", "forward"), properties=PROPERTIES)
-register_impl("moe", "reference", lambda: DsMoE("reference"), "dsv3ref.moe.MoE, per-expert loop")
-register_impl("moe", "grouped", lambda: DsMoE("grouped"), "dsv3ref.moe.MoE, tokens sorted by expert, grouped GEMMs")
+                   "routed SwiGLU experts", MoEImpl, PROPERTIES)
+register_impl("moe", "reference", lambda: DsMoE("loop"), "dsv3ref.moe.MoE, per-expert loop")
+register_impl("moe", "grouped", lambda: DsMoE("auto"), "dsv3ref.moe.MoE, tokens sorted by expert, grouped GEMMs "
+              "(backend auto)")
 register_impl("moe", "transformers", TransformersMoE, "transformers DeepseekV3MoE (eager experts), same weights",
               requires=("transformers",))

@@ -1,19 +1,10 @@
-"""Component `mla`: one Multi-head Latent Attention layer with DeepSeek-V3 semantics.
+"""Component `mla` (protocol `harness.protocols.MLAImpl`): the built-in implementations, `reference` (dsv3ref's
+MLA in its naive mode: per-head K/V, the paper's formula), `absorbed` (W_UK folded into the query, W_UV after
+attention, a latent cache) and `transformers` (DeepseekV3Attention over the same weights, the `hf` extra).
 
-Protocol (what the conformance suite calls):
-- `build(cfg, state_dict, dtype, device) -> layer`: a layer loaded with weights named as the official checkpoint
-  (wq or wq_a/q_norm/wq_b, wkv_a, kv_norm, wkv_b, wo); `layer(x, start_pos=0, cache=None, seqlens=None)` returns
-  [B, S, D] (cache=None: one causal pass; with a cache: append, then attend over everything cached).
-- `new_cache(layer, batch, max_len, **options)`: an empty cache for that layer; options paged, fp8, block_table,
-  poison as `dsv3ref.mla.MLA.new_cache`.
-- `cache_bytes_per_token(cache)`: the cache's true payload bytes per token slot.
-- `cache_mode`: "absorbed" (the cache holds the latent and k_pe) or "naive" (per-head K and V), naming the analytic
-  formula (`harness.analytic.kv_cache_bytes_per_token_layer`) the measured bytes must equal.
-
-Properties an implementation may declare not applicable: fp64_exact (matches the float64 truth to 1e-10: every step
-in float64, RoPE tables included; every implementation must still accept dtype float64),
-varlen (per-row start positions and lengths in one batch), chunked_prefill (prefill at start_pos > 0 on a
-filled cache), paged_cache, fp8_cache.
+Properties an implementation may declare not applicable: fp64_exact (matches the float64 truth to 1e-10: every
+step in float64, RoPE tables included), varlen (per-row start positions and lengths in one batch),
+chunked_prefill (prefill at start_pos > 0 on a filled cache), paged_cache, fp8_cache.
 """
 
 from __future__ import annotations
@@ -24,17 +15,15 @@ import torch
 from torch import nn
 
 from dsv3ref.config import ModelConfig
-from dsv3ref.mla import MLA, check_hidden
+from dsv3ref.layers import check_hidden
+from dsv3ref.mla import MLA
+from harness.protocols import MLAImpl
 from harness.registry import register_component, register_impl
 
 PROPERTIES = ("fp64_exact", "varlen", "chunked_prefill", "paged_cache", "fp8_cache")
 
-register_component(
-    "mla",
-    "one Multi-head Latent Attention layer (DeepSeek-V3): weights by official names, prefill/decode over a cache",
-    required=("build", "new_cache", "cache_bytes_per_token", "cache_mode"),
-    properties=PROPERTIES,
-)
+register_component("mla", "one Multi-head Latent Attention layer (DeepSeek-V3): weights by official names, "
+                   "prefill/decode over a cache", MLAImpl, PROPERTIES)
 
 
 def build_reference(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], mode: str, dtype: torch.dtype,

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from dsv3ref.config import ModelConfig
 from harness import analytic
+from harness.protocols import CostModelImpl
 from harness.registry import register_component, register_impl
 
-register_component(
-    "costmodel",
-    "analytic KV-cache bytes, parameter counts, training FLOPs and the EP TPOT bound of a ModelConfig",
-    required=("kv_cache_bytes_per_token", "params_total", "params_activated", "train_flops_per_token",
-              "ep_tpot_s"),
-)
+register_component("costmodel", "analytic KV-cache bytes, parameter counts, training FLOPs and the EP TPOT bound "
+                   "of a ModelConfig", CostModelImpl)
 
 
 class ReferenceCostModel:

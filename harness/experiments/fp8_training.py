@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,8 +29,11 @@ from dsv3ref.config import ConfigError, ModelConfig
 from dsv3ref.corpus import Corpus, stdlib_corpus
 from dsv3ref.model import Transformer
 from dsv3ref.train import TrainConfig, train
+from harness import paper
+from harness.bench.common import conditions
+from harness.results import Record
 
-MODES = {"report": (100, (0, 1, 2)), "thorough": (400, (0, 1, 2, 3, 4))}
+BUDGETS = {"report": (100, (0, 1, 2)), "thorough": (400, (0, 1, 2, 3, 4))}  # steps, seeds
 OTHER_ORDER = 1000
 
 
@@ -72,7 +76,7 @@ class SeedResult:
 def run_seed(cfg: ModelConfig, seed: int, train_cfg: TrainConfig, corpus: Corpus) -> SeedResult:
     """The three runs of one seed from one initialisation."""
     torch.manual_seed(seed)
-    init = Transformer(cfg, attn_mode="naive", moe_impl="reference")
+    init = Transformer(cfg, attn_mode="naive", moe_backend="loop")
     runs = {"bf16": ("bf16-linear", seed), "fp8": ("fp8", seed),
             "bf16_other_order": ("bf16-linear", seed + OTHER_ORDER)}
     losses, seconds = {}, 0.0
@@ -87,9 +91,9 @@ def fp8_vs_bf16(mode: str | None = None, cfg: ModelConfig | None = None, corpus:
                 progress: Callable[[str], None] | None = None) -> list[SeedResult]:
     """Run the experiment in `mode` ('report' or 'thorough'; default from DSV3_FP8_THOROUGH)."""
     mode = mode or experiment_mode()
-    if mode not in MODES:
-        raise ConfigError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
-    steps, seeds = MODES[mode]
+    if mode not in BUDGETS:
+        raise ConfigError(f"mode: expected one of {', '.join(BUDGETS)}, got {mode!r}")
+    steps, seeds = BUDGETS[mode]
     cfg = cfg or experiment_config()
     corpus = corpus or stdlib_corpus()
     train_cfg = TrainConfig(steps=steps, batch_size=8, seq_len=128, warmup_steps=steps // 10, eval_batches=16)
@@ -99,3 +103,20 @@ def fp8_vs_bf16(mode: str | None = None, cfg: ModelConfig | None = None, corpus:
             progress(f"fp8 vs bf16: seed {seed} ({len(results) + 1}/{len(seeds)}, 3 runs of {steps} steps)")
         results.append(run_seed(cfg, seed, train_cfg, corpus))
     return results
+
+
+def gap_records(results: list[SeedResult], mode: str, cfg: ModelConfig) -> list[Record]:
+    """fp8_rel_loss_gap of FP8 against BF16 and of BF16 against BF16 with another data order (the noise floor),
+    means over seeds in percent with the per-seed values."""
+    ref = paper.ref("fp8_rel_loss_gap", "fp8-vs-bf16")
+    common = {"seeds": [r.seed for r in results], "mode": mode, "config": cfg.name,
+              "seconds": sum(r.seconds for r in results), **conditions("cpu")}
+    fp8_gap = statistics.mean(r.fp8_gap for r in results) * 100
+    noise = statistics.mean(r.noise_gap for r in results) * 100
+    return [Record("fp8_rel_loss_gap", "fp8-vs-bf16", fp8_gap, "%", kind="measured", paper=ref and ref.value,
+                   method="mean-over-seeds", extra={**common, "per_seed": [r.fp8_gap * 100 for r in results],
+                                                    "val_loss_bf16": [r.bf16 for r in results],
+                                                    "val_loss_fp8": [r.fp8 for r in results]}),
+            Record("fp8_rel_loss_gap", "bf16-seed-noise", noise, "%", kind="measured", method="mean-over-seeds",
+                   extra={**common, "per_seed": [r.noise_gap * 100 for r in results],
+                          "val_loss_bf16_other_order": [r.bf16_other_order for r in results]})]

@@ -1,0 +1,129 @@
+"""What an implementation under test provides, one typed Protocol per component (the single place; the docs'
+protocol table and `check_protocol` read these).
+
+An implementation is built by a zero-argument factory (`--dsv3-impl module:factory`) returning an object with a
+`component` attribute naming the component, the methods (or attributes) of its protocol, and optionally
+`not_applicable`: a set of the component's property names it legitimately lacks (each skips, with its reason,
+the tests of that property). State dicts use the official DeepSeek-V3 checkpoint names; shapes are written
+[B, S, D] = batch, sequence, hidden; N = tokens, k = experts per token, E = routed experts.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from dsv3ref.config import ModelConfig
+
+State = dict[str, torch.Tensor]
+
+
+@runtime_checkable
+class CostModelImpl(Protocol):
+    """Component `costmodel`: analytic sizes of a model config (integers or floats; no tensors)."""
+
+    component: str
+
+    def kv_cache_bytes_per_token(self, cfg: ModelConfig, dtype: str = "bf16") -> int:
+        """Cache bytes one token leaves in every layer, for cache element type `dtype` (fp32, bf16, fp16, fp8)."""
+
+    def params_total(self, cfg: ModelConfig) -> int:
+        """Every parameter of the model, MTP modules excluded."""
+
+    def params_activated(self, cfg: ModelConfig) -> int:
+        """Parameters one token touches (embedding and head in full, routed experts: only the top-k)."""
+
+    def train_flops_per_token(self, cfg: ModelConfig, seq_len: int = 4096) -> float:
+        """Forward + backward FLOPs per token at sequence length `seq_len` (causal attention)."""
+
+    def ep_tpot_s(self, cfg: ModelConfig, bandwidth_GBps: float, hidden_rounding: bool = True) -> float:
+        """The paper's EP-communication bound on time per output token, seconds; hidden rounded to thousands
+        when `hidden_rounding` (the paper's "7K")."""
+
+
+@runtime_checkable
+class MLAImpl(Protocol):
+    """Component `mla`: one Multi-head Latent Attention layer.
+
+    `state` holds wq (or wq_a, q_norm, wq_b), wkv_a, kv_norm, wkv_b, wo (`.weight`, [out, in]) in `dtype`.
+    The layer is called `layer(x [B, S, D], start_pos=0, cache=None, seqlens=None) -> [B, S, D]` in `dtype`:
+    cache=None is one causal pass over positions start_pos..; with a cache, the chunk is appended and attends
+    to everything cached before it in its row. `start_pos` is an int or a [B] int64 tensor (per-row positions,
+    e.g. `cache.lengths`); `seqlens` [B] counts each row's valid tokens (right padding: not cached, output rows
+    exactly zero). The cache exposes `lengths` ([B] int64, tokens held per row). Every implementation must accept
+    float64 (the cache tests run there unless `fp64_exact` is declared not applicable).
+    """
+
+    component: str
+    cache_mode: str  # "absorbed" (the cache holds kv_norm(c) and the roped k_pe) or "naive" (per-head K and V)
+
+    def build(self, cfg: ModelConfig, state_dict: State, dtype: torch.dtype, device: str) -> Any:
+        """The layer holding `state_dict`, computing in `dtype` on `device`."""
+
+    def new_cache(self, layer: Any, batch: int, max_len: int, **options: Any) -> Any:
+        """An empty cache of `batch` rows x `max_len` tokens. Options (each only if supported): paged=True with
+        block_size (tokens per block), num_blocks (pool size) and block_table ([B, ceil(max_len / block_size)]
+        int32 physical block ids); fp8=True (an e4m3 latent with one fp32 scale per token)."""
+
+    def cache_bytes_per_token(self, cache: Any) -> float:
+        """The cache's payload bytes (data and scales) per token slot."""
+
+
+@runtime_checkable
+class MoEImpl(Protocol):
+    """Component `moe`: the DeepSeekMoE router and layer, stateless (weights passed per call).
+
+    `state` holds gate.weight [E, D], gate.bias [E] (fp32 values; present when cfg.moe.bias),
+    experts.{i}.w1/w3.weight [I, D] and .w2.weight [D, I], and shared_experts.w1/w3.weight
+    [n_shared x I, D] and .w2.weight [D, n_shared x I] (one MLP of width n_shared x I). Tensors arrive in the
+    dtype of `x` (fp64 in most properties, bf16 in the working-dtype one), the bias in fp32 values.
+    """
+
+    component: str
+
+    def route(self, cfg: ModelConfig, state: State, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, D] -> (weights [N, k] in x's dtype, indices [N, k] int64); the order of a token's k slots is free;
+        weights are the unbiased scores of the selected experts, normalised when cfg.moe.norm_topk_prob (sigmoid)
+        and left as probabilities for softmax scoring, times route_scale."""
+
+    def forward(self, cfg: ModelConfig, state: State, x: torch.Tensor) -> torch.Tensor:
+        """x [..., D] -> y [..., D] = shared(x) + sum_k w_k expert_{i_k}(x), in x's dtype."""
+
+
+@runtime_checkable
+class FP8Impl(Protocol):
+    """Component `fp8`: fine-grained FP8 quantizers and the block-scaled GEMM (signatures of `dsv3ref.fp8`).
+
+    Inputs are fp32/bf16/fp16; data is float8_e4m3fn, scales fp32; a 1x128 tile covers 128 consecutive elements
+    of the last dim, a 128x128 block a block of a 2-D weight; shapes need not be multiples of 128 (the scale is
+    computed over the zero-padded tile). Bad input raises a ValueError subclass naming the argument.
+    """
+
+    component: str
+
+    def quant_1x128(self, x: torch.Tensor, ue8m0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [..., K] -> (q [..., K] e4m3, s [..., ceil(K/128)] fp32), s = max(amax, 1e-4) / 448 per tile
+        (rounded up to a power of two with ue8m0)."""
+
+    def quant_128x128(self, w: torch.Tensor, ue8m0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """w [M, N] -> (q [M, N] e4m3, s [ceil(M/128), ceil(N/128)] fp32)."""
+
+    def dequant_1x128(self, q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """q * s per tile, the product in fp32, then `dtype`."""
+
+    def dequant_128x128(self, q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """q * s per block, the product in fp32, then `dtype`."""
+
+    def fp8_gemm(self, a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
+                 out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """C [M, N] = A B^T: a [M, K] with a_s [M, ceil(K/128)]; b [N, K] with b_s [ceil(N/128), ceil(K/128)]
+        (128x128 blocks) or [N, ceil(K/128)] (1x128 tiles, the weight-gradient GEMM); partial sums in fp32,
+        scales applied per 128-wide K block."""
+
+
+def members(protocol: type) -> tuple[str, ...]:
+    """The attributes and methods a protocol requires, in declaration order."""
+    names = list(getattr(protocol, "__annotations__", {}))
+    names += [n for n, v in vars(protocol).items() if callable(v) and not n.startswith("_")]
+    return tuple(dict.fromkeys(names))
