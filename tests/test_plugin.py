@@ -83,3 +83,60 @@ def test_suites_run_by_pyargs_from_outside_the_checkout(tmp_path):
                          check=False)
     assert bad.returncode == pytest.ExitCode.USAGE_ERROR
     assert "--dsv3-impl: unknown implementation 'no-such-impl'" in bad.stderr
+
+
+PLAIN = """
+import os
+import sys
+
+def test_untouched():
+    assert "torch" not in sys.modules
+    assert "TRITON_INTERPRET" not in os.environ
+    from hypothesis import settings
+    assert settings._current_profile == "default"
+"""
+
+
+def test_a_session_without_suites_imports_no_torch_and_changes_nothing(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "test_plain.py").write_text(PLAIN)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_plain.py"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_importing_the_plugin_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, harness.pytest_plugin; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert done.stdout.strip() == "False"
+
+
+THREADS = """
+import torch
+
+def test_pins(dsv3_threads):
+    import os
+    assert dsv3_threads == torch.get_num_threads() == (os.cpu_count() or 1)
+
+def test_restored():
+    assert torch.get_num_threads() == 1
+"""
+
+
+def test_benchmark_threads_are_restored(pytester):
+    import torch
+
+    pytester.makepyfile(test_threads=THREADS)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pytester.runpytest_inprocess().assert_outcomes(passed=2)
+    finally:
+        torch.set_num_threads(before)
