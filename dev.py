@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 PY = VENV / "bin" / "python"
 STAMP = VENV / ".dsv3-installed"
-TEST_ARGS = ["-m", "not slow", "--benchmark-disable", "tests", "suites"]  # perf cases run once, as smoke tests
+TEST_ARGS = ["-m", "not slow", "--benchmark-disable", "--hypothesis-profile=ci", "tests", "suites"]  # perf: one smoke run
 PERF_ARGS = ["-m", "perf", "suites/performance"]  # timed, slow cases included
 
 

@@ -4,9 +4,10 @@ A suite module declares its component with `pytest.mark.dsv3_component("mla")`; 
 `impl` then runs once per selected implementation of that component (`--dsv3-impl`, repeatable; default: every
 registered implementation whose optional modules are importable).
 
-Importing the plugin, and a session that collects none of the suites, imports neither torch nor hypothesis and
-changes nothing: `activate(config)` does that (Triton's interpreter on a machine without CUDA, the hypothesis
-profile), called by the conftest.py of `suites/` and `tests/` when they are collected.
+Importing the plugin, and a session that collects none of the suites, imports no torch and changes nothing (it
+only registers the hypothesis profiles, so that --hypothesis-profile can name them): `activate(config)` prepares
+a session (Triton's interpreter on a machine without CUDA, loading a hypothesis profile), called by the
+conftest.py of `suites/` and `tests/` when they are collected.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 MARKERS = {
     "conformance": "conformance property test of a component (suites/conformance)",
@@ -31,6 +33,9 @@ PROFILES = {  # hypothesis profiles: ci (the default test run), dev (pytest by h
     "dev": {"max_examples": 30},
     "thorough": {"max_examples": 300},
 }
+for _name, _options in PROFILES.items():
+    settings.register_profile(_name, deadline=None, print_blob=True,
+                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large], **_options)
 
 
 class _State:
@@ -76,15 +81,11 @@ def activate(config: pytest.Config) -> None:
         return
     state.active = True
     import torch
-    from hypothesis import HealthCheck, settings
 
     from harness import registry
 
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    checks = [HealthCheck.too_slow, HealthCheck.data_too_large]
-    for name, options in PROFILES.items():
-        settings.register_profile(name, deadline=None, print_blob=True, suppress_health_check=checks, **options)
     if not config.getoption("hypothesis_profile", default=None):
         settings.load_profile("ci" if os.environ.get("CI") else "dev")
     if config.getoption("--dsv3-device") == "cuda" and not torch.cuda.is_available():
