@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from hardware.profile import load_profile, profile_names
+from harness.analytic import ep_link
 from harness.cli import main
 from harness.report import render
 from harness.report_sections import Table
@@ -17,10 +19,12 @@ USER_MODEL = ('vocab_size = 100\nhidden_size = 64\nnum_layers = 2\nintermediate_
 
 @pytest.fixture(scope="module")
 def report_json(tmp_path_factory):
-    """One full quick report (every section runs once for the whole module), with a user model added."""
+    """One full quick report (every section runs once for the whole module), with a user model and a MoE model too
+    small for the paper's "7K" rounding added."""
     out = tmp_path_factory.mktemp("report")
     (out / "mine.toml").write_text(USER_MODEL)
-    assert main(["report", "--format", "json", "--out", str(out), "--model", str(out / "mine.toml")]) == 0
+    assert main(["report", "--format", "json", "--out", str(out), "--model", str(out / "mine.toml"),
+                 "--model", "dsv3-tiny"]) == 0
     return json.loads((out / "results.json").read_text()), out
 
 
@@ -59,6 +63,16 @@ def test_report_writes_markdown_and_flags_the_papers_inconsistencies(report_json
 def test_user_model_is_added(report_json):
     doc, _ = report_json
     assert _value(doc, "kv_cache_bytes_per_token", "mine") == 2 * 2 * 1 * 8 * 2  # layers x K,V x 1 head x 8 x 2 B
+
+
+def test_small_moe_model_gets_config_exact_tpot_only(report_json):
+    doc, out = report_json
+    linked = [n for n in profile_names() if ep_link(load_profile(n)) is not None]
+    got = sorted((r["metric"], r["profile"], r["method"]) for r in doc["results"]
+                 if r["subject"] == "dsv3-tiny" and r["metric"] in ("tpot_ms", "tokens_per_s"))
+    assert got == sorted((m, p, "config-exact") for m in ("tpot_ms", "tokens_per_s") for p in linked)
+    note = "dsv3-tiny: paper-7k not applicable (hidden_size 64 rounds to 0 thousands)"
+    assert note in (out / "report.md").read_text()
 
 
 @pytest.mark.parametrize("fmt", ["text", "github", "latex", "csv"])
