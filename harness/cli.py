@@ -30,6 +30,17 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
+def _positive_int(text: str) -> int:
+    """argparse type for counts such as --threads: an integer >= 1 (0 or negative is a usage error, not a default)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 def _load_model(spec: str) -> ModelConfig:
     """A preset name or a path to a JSON/TOML config (ours or a Hugging Face config.json)."""
     if Path(spec).suffix in (".json", ".toml") or Path(spec).exists():
@@ -40,7 +51,7 @@ def _load_model(spec: str) -> ModelConfig:
 def cmd_report(args: argparse.Namespace) -> int:
     models = [ModelConfig.preset(n) for n in DEFAULT_MODELS] + [_load_model(s) for s in args.model]
     declared = [load_profile(n) for n in (args.profile or profile_names()) if n != "local"]  # validated first
-    torch.set_num_threads(args.threads or os.cpu_count() or 1)  # every measurement records this count
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)  # None: all cores; every measurement records it
     device = "cuda" if torch.cuda.is_available() else "cpu"
     progress_to_stderr("probing the local machine ...")
     local = load_profile("local")
@@ -86,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--model", action="append", default=[], metavar="PRESET|PATH",
                      help="add a model: a preset name or a JSON/TOML config (ours or a Hugging Face config.json)")
     rep.add_argument("--full", action="store_true", help="add every registered experiment and benchmark (minutes)")
-    rep.add_argument("--threads", type=int, default=0, help="torch CPU threads for measurements (default: all cores)")
+    rep.add_argument("--threads", type=_positive_int, metavar="N",
+                     help="torch CPU threads for measurements, an integer >= 1 (default: all cores)")
     rep.set_defaults(func=cmd_report)
     prof = sub.add_parser("profiles", help="list the hardware profiles, or show one with its sources")
     prof.add_argument("name", nargs="?", metavar="NAME|PATH", help="a profile to show (`local` probes this machine)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -65,6 +66,11 @@ def test_user_model_is_added(report_json):
     assert _value(doc, "kv_cache_bytes_per_token", "mine") == 2 * 2 * 1 * 8 * 2  # layers x K,V x 1 head x 8 x 2 B
 
 
+def test_threads_default_to_all_cores(report_json):
+    doc, _ = report_json
+    assert doc["env"]["torch_threads"] == os.cpu_count()
+
+
 def test_small_moe_model_gets_config_exact_tpot_only(report_json):
     doc, out = report_json
     linked = [n for n in profile_names() if ep_link(load_profile(n)) is not None]
@@ -92,6 +98,10 @@ def test_every_format_renders_every_table(report_json, fmt):
     (["report", "--model", "nope"], "dsv3: error: preset: unknown model 'nope'"),
     (["report", "--format", "xml"], "dsv3: error: dsv3 report: argument --format: invalid choice"),
     (["frobnicate"], "dsv3: error: dsv3: argument command: invalid choice"),
+    (["report", "--threads", "-3"], "dsv3: error: dsv3 report: argument --threads: expected an integer >= 1, got -3"),
+    (["report", "--threads", "0"], "dsv3: error: dsv3 report: argument --threads: expected an integer >= 1, got 0"),
+    (["report", "--threads", "two"], "dsv3: error: dsv3 report: argument --threads: expected an integer >= 1, "
+                                     "got 'two'"),
 ])
 def test_bad_usage_is_one_line_exit_2(capsys, argv, message):
     assert main(argv) == 2
