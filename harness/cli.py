@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ from dsv3ref.config import ConfigError, ModelConfig
 from hardware.profile import NUMERIC_FIELDS, ProfileError, load_profile, profile_names
 from harness.environment import environment
 from harness.registry import UsageError
-from harness.report import FORMATS, progress_to_stderr, render, run_sections, write_outputs
+from harness.report import FORMATS, OUTPUT_FILES, progress_to_stderr, render, run_sections, write_outputs
 from harness.report_sections import ReportContext
 from harness.results import ResultsError
 
@@ -48,9 +49,33 @@ def _load_model(spec: str) -> ModelConfig:
     return ModelConfig.preset(spec)
 
 
+def _out_dir(spec: str) -> Path:
+    """--out: create the folder if missing and prove it writable (a temp file created and removed there), so that a
+    bad destination is a one-line error before the measurements, not a traceback after them."""
+    if not spec:
+        raise UsageError("--out: expected a directory path, got ''")
+    out = Path(spec)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UsageError(f"--out {spec}: exists and is not a directory") from None
+    except OSError as e:
+        raise UsageError(f"--out {spec}: cannot create the directory ({e.strerror})") from None
+    try:
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".dsv3-write-check."):
+            pass
+    except OSError as e:
+        raise UsageError(f"--out {spec}: cannot write into the directory ({e.strerror})") from None
+    taken = [name for name in OUTPUT_FILES if (out / name).is_dir()]
+    if taken:
+        raise UsageError(f"--out {spec}: {taken[0]} is a directory; expected a file or nothing there")
+    return out
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     models = [ModelConfig.preset(n) for n in DEFAULT_MODELS] + [_load_model(s) for s in args.model]
     declared = [load_profile(n) for n in (args.profile or profile_names()) if n != "local"]  # validated first
+    out = _out_dir(args.out) if args.out is not None else None
     torch.set_num_threads(args.threads or os.cpu_count() or 1)  # None: all cores; every measurement records it
     device = "cuda" if torch.cuda.is_available() else "cpu"
     progress_to_stderr("probing the local machine ...")
@@ -59,9 +84,9 @@ def cmd_report(args: argparse.Namespace) -> int:
                         full=args.full, progress=progress_to_stderr)
     tables = run_sections(ctx, progress_to_stderr)
     env = environment(device)
-    if args.out:
-        write_outputs(Path(args.out), tables, env)
-        progress_to_stderr(f"wrote {Path(args.out) / 'report.md'} and {Path(args.out) / 'results.json'}")
+    if out:
+        write_outputs(out, tables, env)
+        progress_to_stderr(f"wrote {' and '.join(str(out / name) for name in OUTPUT_FILES)}")
     sys.stdout.write(render(tables, env, args.format))
     return 0
 

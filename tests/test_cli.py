@@ -22,9 +22,10 @@ USER_MODEL = ('vocab_size = 100\nhidden_size = 64\nnum_layers = 2\nintermediate_
 def report_json(tmp_path_factory):
     """One full quick report (every section runs once for the whole module), with a user model and a MoE model too
     small for the paper's "7K" rounding added."""
-    out = tmp_path_factory.mktemp("report")
-    (out / "mine.toml").write_text(USER_MODEL)
-    assert main(["report", "--format", "json", "--out", str(out), "--model", str(out / "mine.toml"),
+    root = tmp_path_factory.mktemp("report")
+    (root / "mine.toml").write_text(USER_MODEL)
+    out = root / "new" / "sub"
+    assert main(["report", "--format", "json", "--out", str(out), "--model", str(root / "mine.toml"),
                  "--model", "dsv3-tiny"]) == 0
     return json.loads((out / "results.json").read_text()), out
 
@@ -107,6 +108,43 @@ def test_bad_usage_is_one_line_exit_2(capsys, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1
+
+
+def _bad_out(tmp_path, case):
+    """A destination --out cannot use: an existing file, a folder under a file, an unwritable folder."""
+    (tmp_path / "file").write_text("")
+    (tmp_path / "ro").mkdir(mode=0o555)
+    return {"file": tmp_path / "file", "under-a-file": tmp_path / "file" / "sub", "unwritable": tmp_path / "ro"}[case]
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("file", "exists and is not a directory"),
+    ("under-a-file", "cannot create the directory (Not a directory)"),
+    pytest.param("unwritable", "cannot write into the directory (Permission denied)",
+                 marks=pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a 0555 folder")),
+])
+def test_bad_out_fails_before_any_measurement(capsys, tmp_path, case, message):
+    out = _bad_out(tmp_path, case)
+    assert main(["report", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"dsv3: error: --out {out}: {message}\n"  # the only line: nothing ran first
+
+
+def test_empty_out_is_a_usage_error(capsys):
+    assert main(["report", "--out", ""]) == 2
+    assert capsys.readouterr().err == "dsv3: error: --out: expected a directory path, got ''\n"
+
+
+def test_out_folder_is_created_and_its_files_get_the_umask_mode(report_json):
+    _, out = report_json
+    assert out.name == "sub" and out.parent.name == "new"  # created by the report (two levels)
+    for name in ("report.md", "results.json"):
+        assert os.stat(out / name).st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_malformed_profile_names_file_and_field(capsys, tmp_path):
