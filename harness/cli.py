@@ -27,8 +27,13 @@ INPUT_ERRORS = (ConfigError, ProfileError, UsageError, ResultsError)
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints the whole usage otherwise)
-        raise UsageError(f"{self.prog}: {message}")
+    """argparse, but a usage error is one line with exit 2 (argparse prints the whole usage otherwise)."""
+
+    def error(self, message: str) -> None:
+        """Raise the message as a UsageError, prefixed by the subcommand (`report: ...`) but not by the program's
+        name: main() prints `dsv3: error: ` once in front of every error."""
+        command = self.prog.partition(" ")[2]  # "dsv3 report" -> "report"; "dsv3" -> ""
+        raise UsageError(f"{command}: {message}" if command else message)
 
 
 def _positive_int(text: str) -> int:

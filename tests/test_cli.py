@@ -60,6 +60,7 @@ def test_report_writes_markdown_and_flags_the_papers_inconsistencies(report_json
     md = (out / "report.md").read_text()
     assert "7.34x" in md and "7.28x is inconsistent" in md
     assert "## EP-communication bound on TPOT" in md
+    assert "`dsv3 profiles NAME` lists each number's source" in md and "profiles show" not in md  # no such command
 
 
 def test_user_model_is_added(report_json):
@@ -97,12 +98,11 @@ def test_every_format_renders_every_table(report_json, fmt):
 @pytest.mark.parametrize(("argv", "message"), [
     (["report", "--profile", "nope"], "dsv3: error: unknown profile 'nope'; known: b200, gb200-nvl72"),
     (["report", "--model", "nope"], "dsv3: error: preset: unknown model 'nope'"),
-    (["report", "--format", "xml"], "dsv3: error: dsv3 report: argument --format: invalid choice"),
-    (["frobnicate"], "dsv3: error: dsv3: argument command: invalid choice"),
-    (["report", "--threads", "-3"], "dsv3: error: dsv3 report: argument --threads: expected an integer >= 1, got -3"),
-    (["report", "--threads", "0"], "dsv3: error: dsv3 report: argument --threads: expected an integer >= 1, got 0"),
-    (["report", "--threads", "two"], "dsv3: error: dsv3 report: argument --threads: expected an integer >= 1, "
-                                     "got 'two'"),
+    (["report", "--format", "xml"], "dsv3: error: report: argument --format: invalid choice: 'xml' (choose from "),
+    (["frobnicate"], "dsv3: error: argument command: invalid choice: 'frobnicate' (choose from "),
+    (["report", "--threads", "-3"], "dsv3: error: report: argument --threads: expected an integer >= 1, got -3"),
+    (["report", "--threads", "0"], "dsv3: error: report: argument --threads: expected an integer >= 1, got 0"),
+    (["report", "--threads", "two"], "dsv3: error: report: argument --threads: expected an integer >= 1, got 'two'"),
 ])
 def test_bad_usage_is_one_line_exit_2(capsys, argv, message):
     assert main(argv) == 2
