@@ -6,16 +6,19 @@ Exit codes: 0 success, 2 bad usage or input (one line on stderr, no traceback), 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from tabulate import tabulate
 
 from dsv3ref.config import ConfigError, ModelConfig
-from hardware.profile import NUMERIC_FIELDS, ProfileError, load_profile, profile_names
+from hardware.profile import NUMERIC_FIELDS, Profile, ProfileError, load_profile, profile_names
 from harness.environment import environment
 from harness.registry import UsageError
 from harness.report import FORMATS, OUTPUT_FILES, progress_to_stderr, render, run_sections, write_outputs
@@ -24,6 +27,7 @@ from harness.results import ResultsError
 
 DEFAULT_MODELS = ("deepseek-v3-671b", "deepseek-v2-236b", "deepseek-v2-lite-16b", "qwen2.5-72b", "llama3.1-405b")
 INPUT_ERRORS = (ConfigError, ProfileError, UsageError, ResultsError)
+Named = TypeVar("Named", ModelConfig, Profile)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,6 +58,33 @@ def _load_model(spec: str) -> ModelConfig:
     return ModelConfig.preset(spec)
 
 
+def _unique(loaded: list[tuple[str, Named]], option: str, same: Callable[[Named, Named], bool]) -> list[Named]:
+    """One item per name, in first-seen order. Records are keyed by name, so a repeat (given twice, or a file whose
+    `name` is a preset's or a declared profile's) is dropped when it is the same thing, and is a UsageError when it is
+    a different one (the two could not be told apart in the results)."""
+    seen: dict[str, Named] = {}
+    for spec, item in loaded:
+        first = seen.setdefault(item.name, item)
+        if not same(first, item):
+            raise UsageError(f"{option} {spec}: name {item.name!r} is already taken by a different one; rename it")
+    return list(seen.values())
+
+
+def _models(args: argparse.Namespace) -> list[ModelConfig]:
+    """The default models, then --model ones, each name once (a config's `source` note does not make it another)."""
+    loaded = [(n, ModelConfig.preset(n)) for n in DEFAULT_MODELS] + [(s, _load_model(s)) for s in args.model]
+    return _unique(loaded, "--model", lambda a, b: a.replace(source="") == b.replace(source=""))
+
+
+def _declared_profiles(args: argparse.Namespace) -> list[Profile]:
+    """The --profile ones (default: every declared profile), each name once; `local` is probed separately."""
+    loaded = [(s, load_profile(s)) for s in (args.profile or profile_names()) if s != "local"]
+    reserved = [s for s, p in loaded if p.name == "local"]
+    if reserved:
+        raise UsageError(f"--profile {reserved[0]}: name 'local' is reserved for the probed machine; rename it")
+    return _unique(loaded, "--profile", lambda a, b: dataclasses.replace(a, path="") == dataclasses.replace(b, path=""))
+
+
 def _out_dir(spec: str) -> Path:
     """--out: create the folder if missing and prove it writable (a temp file created and removed there), so that a
     bad destination is a one-line error before the measurements, not a traceback after them."""
@@ -78,8 +109,7 @@ def _out_dir(spec: str) -> Path:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    models = [ModelConfig.preset(n) for n in DEFAULT_MODELS] + [_load_model(s) for s in args.model]
-    declared = [load_profile(n) for n in (args.profile or profile_names()) if n != "local"]  # validated first
+    models, declared = _models(args), _declared_profiles(args)  # validated first
     out = _out_dir(args.out) if args.out is not None else None
     torch.set_num_threads(args.threads or os.cpu_count() or 1)  # None: all cores; every measurement records it
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
 from hardware.profile import load_profile, profile_names
 from harness.analytic import ep_link
-from harness.cli import main
+from harness.cli import DEFAULT_MODELS, main
 from harness.report import render
 from harness.report_sections import Table
 from harness.results import Record
@@ -18,15 +19,25 @@ USER_MODEL = ('vocab_size = 100\nhidden_size = 64\nnum_layers = 2\nintermediate_
               '[attention]\nkind = "mqa"\nnum_heads = 8\n')
 
 
+_H800 = Path(load_profile("h800").path).read_text()
+
+
+def _each(option: str, values: list[str]) -> list[str]:
+    return [arg for v in values for arg in (option, v)]
+
+
 @pytest.fixture(scope="module")
 def report_json(tmp_path_factory):
     """One full quick report (every section runs once for the whole module), with a user model and a MoE model too
-    small for the paper's "7K" rounding added."""
+    small for the paper's "7K" rounding added, and models and profiles given twice (by name, path or copy)."""
     root = tmp_path_factory.mktemp("report")
     (root / "mine.toml").write_text(USER_MODEL)
+    (root / "my-h800.toml").write_text(_H800)
     out = root / "new" / "sub"
-    assert main(["report", "--format", "json", "--out", str(out), "--model", str(root / "mine.toml"),
-                 "--model", "dsv3-tiny"]) == 0
+    models = [str(root / "mine.toml"), "dsv3-tiny", "dsv3-tiny", "deepseek-v3-671b", str(root / "mine.toml")]
+    profiles = [*profile_names(), "h800", str(root / "my-h800.toml")]
+    assert main(["report", "--format", "json", "--out", str(out), *_each("--model", models),
+                 *_each("--profile", profiles)]) == 0
     return json.loads((out / "results.json").read_text()), out
 
 
@@ -66,6 +77,39 @@ def test_report_writes_markdown_and_flags_the_papers_inconsistencies(report_json
 def test_user_model_is_added(report_json):
     doc, _ = report_json
     assert _value(doc, "kv_cache_bytes_per_token", "mine") == 2 * 2 * 1 * 8 * 2  # layers x K,V x 1 head x 8 x 2 B
+
+
+def test_models_and_profiles_given_twice_appear_once_in_first_seen_order(report_json):
+    doc, _ = report_json
+    analytic = [json.dumps(r, sort_keys=True) for r in doc["results"] if r["kind"] == "analytic"]
+    assert len(set(analytic)) == len(analytic)
+    kv = [r["subject"] for r in doc["results"] if r["metric"] == "kv_cache_bytes_per_token" and r["kind"] == "analytic"
+          and r["method"] == "bf16"]
+    assert kv == [*DEFAULT_MODELS, "mine", "dsv3-tiny"]
+    tpot = [r["profile"] for r in doc["results"]
+            if (r["metric"], r["subject"], r["method"]) == ("tpot_ms", "deepseek-v3-671b", "paper-7k")]
+    assert tpot == [n for n in profile_names() if ep_link(load_profile(n)) is not None]
+
+
+def test_a_different_model_under_a_taken_name_is_an_error(capsys, tmp_path):
+    a, b = tmp_path / "a" / "mine.toml", tmp_path / "b" / "mine.toml"  # both named "mine" by their file name
+    for path, layers in ((a, "2"), (b, "3")):
+        path.parent.mkdir()
+        path.write_text(USER_MODEL.replace("num_layers = 2", f"num_layers = {layers}"))
+    assert main(["report", "--model", str(a), "--model", str(b)]) == 2
+    assert capsys.readouterr().err == f"dsv3: error: --model {b}: name 'mine' is already taken by a different one; " \
+                                      "rename it\n"
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (('description = "NVIDIA', 'description = "my'), "name 'h800' is already taken by a different one; rename it"),
+    (('name = "h800"', 'name = "local"'), "name 'local' is reserved for the probed machine; rename it"),
+])
+def test_a_different_profile_under_a_taken_name_is_an_error(capsys, tmp_path, change, message):
+    path = tmp_path / "mine.toml"
+    path.write_text(_H800.replace(*change))
+    assert main(["report", "--profile", "h800", "--profile", str(path)]) == 2
+    assert capsys.readouterr().err == f"dsv3: error: --profile {path}: {message}\n"
 
 
 def test_threads_default_to_all_cores(report_json):
