@@ -20,6 +20,7 @@ from tabulate import tabulate
 from dsv3ref.config import ConfigError, ModelConfig
 from hardware.profile import NUMERIC_FIELDS, Profile, ProfileError, load_profile, profile_names
 from harness.environment import environment
+from harness.formatting import significant
 from harness.registry import UsageError
 from harness.report import FORMATS, OUTPUT_FILES, progress_to_stderr, render, run_sections, write_outputs
 from harness.report_sections import ReportContext
@@ -28,6 +29,8 @@ from harness.results import ResultsError
 DEFAULT_MODELS = ("deepseek-v3-671b", "deepseek-v2-236b", "deepseek-v2-lite-16b", "qwen2.5-72b", "llama3.1-405b")
 INPUT_ERRORS = (ConfigError, ProfileError, UsageError, ResultsError)
 Named = TypeVar("Named", ModelConfig, Profile)
+_LISTED = ("bf16_dense_TFLOPS", "fp8_dense_TFLOPS", "hbm_bandwidth_GBps", "scaleup_GBps_per_gpu",
+           "scaleout_GBps_per_gpu")  # the columns of `dsv3 profiles`
 
 
 class _Parser(argparse.ArgumentParser):
@@ -127,21 +130,23 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_profiles(args: argparse.Namespace) -> int:
+    """List the declared profiles (4 significant digits), or show one with every number's source (6 digits)."""
     if args.name:
         p = load_profile(args.name)
-        rows = [[f, p.get(f), p.sources.get(f, "")] for f in NUMERIC_FIELDS if p.get(f) is not None]
+        rows = [[f, significant(p.get(f), 6), p.sources.get(f, "")] for f in NUMERIC_FIELDS if p.get(f) is not None]
         print(f"{p.name}: {p.description} [{p.kind}]\n")
-        print(tabulate(rows, headers=["field", "value", "source"], tablefmt="simple", disable_numparse=True))
+        print(tabulate(rows, headers=["field", "value", "source"], tablefmt="simple", disable_numparse=True,
+                       colalign=("left", "right", "left")))
         if p.notes:
             print(f"\nnotes: {p.notes}")
         return 0
     rows = []
     for name in profile_names():
         p = load_profile(name)
-        rows.append([p.name, p.bf16_dense_TFLOPS, p.fp8_dense_TFLOPS, p.hbm_bandwidth_GBps, p.scaleup_GBps_per_gpu,
-                     p.scaleout_GBps_per_gpu, p.description])
+        rows.append([p.name, *(significant(p.get(f)) for f in _LISTED), p.description])
     print(tabulate(rows, headers=["profile", "BF16 TFLOP/s", "FP8 TFLOP/s", "mem GB/s", "scale-up GB/s",
-                                  "scale-out GB/s", "description"], tablefmt="simple", missingval="—"))
+                                  "scale-out GB/s", "description"], tablefmt="simple", disable_numparse=True,
+                   colalign=("left", *("right",) * len(_LISTED), "left")))
     print("\nlocal: probed on demand (`dsv3 profiles local`); a user profile: `dsv3 profiles path/to/profile.toml`")
     return 0
 

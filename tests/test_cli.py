@@ -202,6 +202,18 @@ def test_malformed_profile_names_file_and_field(capsys, tmp_path):
 
 def test_profiles_command(capsys):
     assert main(["profiles"]) == 0
-    assert "gb200-nvl72" in capsys.readouterr().out
+    listing = capsys.readouterr().out
+    assert "gb200-nvl72" in listing
+    assert "1,979" in listing and "1978.9" not in listing  # h800 FP8 TFLOP/s to 4 significant digits
     assert main(["profiles", "h800"]) == 0
     assert "Insights §2.3.2/§4: one 400 Gb/s CX7" in capsys.readouterr().out
+
+
+def test_profiles_show_rounds_probed_floats(capsys, tmp_path):
+    path = tmp_path / "probed.toml"
+    path.write_text(_H800.replace('name = "h800"', 'name = "probed"').replace(
+        "bf16_dense_TFLOPS = { value = 989.4,", "bf16_dense_TFLOPS = { value = 0.0179277557783743,"))
+    assert main(["profiles", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert " 0.0179278  " in out and "0.0179277557783743" not in out
+    assert " 1,978.9  " in out and " 3,350  " in out and " 80  " in out
