@@ -23,6 +23,7 @@ from typing import Any
 from dsv3ref.config import AttentionConfig, ConfigError, ModelConfig, MoEConfig, RopeConfig
 
 HF_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "qwen2", "llama")
+TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")  # DeepSeek's routers; noaux_tc has the bias
 
 # transformers 5.24.0: the keyword defaults of the config classes for the keys read below (None defaults left out);
 # num_nextn_predict_layers is DeepseekV3Config's num_mtp_layers (its attribute_map), rope_theta the classes'
@@ -71,6 +72,8 @@ def _get(hf: dict[str, Any], key: str, default: Any = ...) -> Any:
 def _rope(hf: dict[str, Any]) -> RopeConfig:
     """RoPE from `rope_scaling` (older HF) or `rope_parameters` (newer HF), plus `rope_theta`."""
     scaling = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if not isinstance(scaling, dict):
+        raise ConfigError(f"hf config: rope_scaling: expected an object or null, got {scaling!r}")
     theta = scaling["rope_theta"] if scaling.get("rope_theta") is not None else _get(hf, "rope_theta")
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
@@ -87,6 +90,9 @@ def _moe(hf: dict[str, Any]) -> MoEConfig:
     if _get(hf, "moe_layer_freq", 1) != 1:
         raise ConfigError(f"hf config: moe_layer_freq: expected 1, got {hf['moe_layer_freq']!r}")
     v3 = hf["model_type"] == "deepseek_v3"
+    topk_method = _get(hf, "topk_method", "noaux_tc")  # V3's model code always has the bias
+    if topk_method not in TOPK_METHODS:
+        raise ConfigError(f"hf config: topk_method: expected one of {', '.join(TOPK_METHODS)}, got {topk_method!r}")
     return MoEConfig(
         n_routed_experts=_get(hf, "n_routed_experts"),
         num_experts_per_tok=_get(hf, "num_experts_per_tok"),
@@ -96,9 +102,9 @@ def _moe(hf: dict[str, Any]) -> MoEConfig:
         topk_group=_get(hf, "topk_group", 1),
         first_k_dense_replace=_get(hf, "first_k_dense_replace"),
         score_func=_get(hf, "scoring_func", "sigmoid" if v3 else "softmax"),
-        route_scale=float(_get(hf, "routed_scaling_factor")),
+        route_scale=_get(hf, "routed_scaling_factor"),
         norm_topk_prob=_get(hf, "norm_topk_prob"),
-        bias=_get(hf, "topk_method", "noaux_tc") == "noaux_tc",  # V3's model code always has the bias
+        bias=topk_method == "noaux_tc",
     )
 
 
@@ -135,6 +141,6 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         max_seq_len=_get(hf, "max_position_embeddings"),
         mtp_depth=_get(hf, "num_nextn_predict_layers", 0),
         tie_word_embeddings=_get(hf, "tie_word_embeddings"),
-        rms_norm_eps=float(_get(hf, "rms_norm_eps")),
+        rms_norm_eps=_get(hf, "rms_norm_eps"),
         source=f"Hugging Face config.json (model_type {model_type})",
     )

@@ -101,6 +101,8 @@ def read_document(path: str | Path) -> dict[str, Any]:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise ResultsError(f"{path}: cannot read results ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ResultsError(f"{path}: cannot read results (not UTF-8 text: byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise ResultsError(f"{path}: malformed JSON ({e})") from None
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:

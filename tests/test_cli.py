@@ -200,6 +200,23 @@ def test_malformed_profile_names_file_and_field(capsys, tmp_path):
     assert "broken.toml: field 'bf16_dense_TFLOPS': expected a positive number" in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize(("argv", "what"), [
+    (["report", "--model"], "model config"), (["report", "--profile"], "profile"), (["profiles"], "profile"),
+])
+@pytest.mark.parametrize(("name", "reason"), [
+    ("folder.toml", "Is a directory"), ("latin1.json", "not UTF-8 text: byte 0"),
+    ("latin1.toml", "not UTF-8 text: byte 0"),
+])
+def test_unreadable_model_or_profile_file_is_one_line(capsys, tmp_path, argv, what, name, reason):
+    path = tmp_path / name
+    if name == "folder.toml":
+        path.mkdir()
+    else:
+        path.write_bytes("é = 1\n".encode("latin-1"))
+    assert main([*argv, str(path)]) == 2
+    assert capsys.readouterr().err == f"dsv3: error: {path}: cannot read {what} ({reason})\n"
+
+
 def test_profiles_command(capsys):
     assert main(["profiles"]) == 0
     listing = capsys.readouterr().out

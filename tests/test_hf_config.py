@@ -6,7 +6,7 @@ import inspect
 
 import pytest
 
-from dsv3ref.config import ModelConfig
+from dsv3ref.config import ConfigError, ModelConfig
 from dsv3ref.hf_config import HF_DEFAULTS, HF_MODEL_TYPES
 
 CLASSES = {"deepseek_v3": "DeepseekV3Config", "deepseek_v2": "DeepseekV2Config", "qwen2": "Qwen2Config",
@@ -49,6 +49,21 @@ def test_v2_lite_config_equals_the_preset():
 def test_qwen2_without_kv_heads_takes_transformers_32():
     cfg = ModelConfig.from_hf({"model_type": "qwen2", "hidden_size": 8192, "num_attention_heads": 64})
     assert (cfg.attention.kind, cfg.attention.num_kv_heads, cfg.attention.head_dim) == ("gqa", 32, 128)
+
+
+@pytest.mark.parametrize(("bad", "message"), [
+    ({"model_type": "qwen2", "rope_scaling": "yarn"},
+     "hf config: rope_scaling: expected an object or null, got 'yarn'"),
+    ({"model_type": "deepseek_v3", "routed_scaling_factor": "2.5"},
+     "moe.route_scale: expected a finite number, got '2.5'"),
+    ({"model_type": "llama", "rms_norm_eps": "1e-5"}, "rms_norm_eps: expected a finite number, got '1e-5'"),
+    ({"model_type": "deepseek_v3", "topk_method": "top2"},
+     "hf config: topk_method: expected one of greedy, group_limited_greedy, noaux_tc, got 'top2'"),
+])
+def test_malformed_values_are_config_errors_naming_the_key(bad, message):
+    with pytest.raises(ConfigError) as e:
+        ModelConfig.from_hf(bad)
+    assert str(e.value) == message
 
 
 def _declared_default(cls: type, key: str) -> object:

@@ -70,6 +70,9 @@ def test_malformed_documents_are_named(tmp_path):
     path.write_text("{")
     with pytest.raises(ResultsError, match="r.json: malformed JSON"):
         read_document(path)
+    path.write_bytes(b'{"schema": "\xe9"}')
+    with pytest.raises(ResultsError, match="r.json: cannot read results \\(not UTF-8 text: byte 12\\)"):
+        read_document(path)
     path.write_text(json.dumps({"schema": "other", "results": []}))
     with pytest.raises(ResultsError, match="schema: expected 'dsv3-results/1'"):
         read_document(path)
