@@ -17,6 +17,8 @@ from harness.results import Record
 
 USER_MODEL = ('vocab_size = 100\nhidden_size = 64\nnum_layers = 2\nintermediate_size = 128\n'
               '[attention]\nkind = "mqa"\nnum_heads = 8\n')
+NO_MOE_LAYER = USER_MODEL + ('[moe]\nn_routed_experts = 4\nnum_experts_per_tok = 2\nmoe_intermediate_size = 16\n'
+                             'first_k_dense_replace = 2\n')  # a MoE section, every layer dense
 
 
 _H800 = Path(load_profile("h800").path).read_text()
@@ -29,12 +31,15 @@ def _each(option: str, values: list[str]) -> list[str]:
 @pytest.fixture(scope="module")
 def report_json(tmp_path_factory):
     """One full quick report (every section runs once for the whole module), with a user model and a MoE model too
-    small for the paper's "7K" rounding added, and models and profiles given twice (by name, path or copy)."""
+    small for the paper's "7K" rounding added, one whose MoE section has no MoE layer, and models and profiles given
+    twice (by name, path or copy)."""
     root = tmp_path_factory.mktemp("report")
     (root / "mine.toml").write_text(USER_MODEL)
+    (root / "no-moe-layer.toml").write_text(NO_MOE_LAYER)
     (root / "my-h800.toml").write_text(_H800)
     out = root / "new" / "sub"
-    models = [str(root / "mine.toml"), "dsv3-tiny", "dsv3-tiny", "deepseek-v3-671b", str(root / "mine.toml")]
+    models = [str(root / "mine.toml"), "dsv3-tiny", "dsv3-tiny", "deepseek-v3-671b", str(root / "mine.toml"),
+              str(root / "no-moe-layer.toml")]
     profiles = [*profile_names(), "h800", str(root / "my-h800.toml")]
     assert main(["report", "--format", "json", "--out", str(out), *_each("--model", models),
                  *_each("--profile", profiles)]) == 0
@@ -85,7 +90,7 @@ def test_models_and_profiles_given_twice_appear_once_in_first_seen_order(report_
     assert len(set(analytic)) == len(analytic)
     kv = [r["subject"] for r in doc["results"] if r["metric"] == "kv_cache_bytes_per_token" and r["kind"] == "analytic"
           and r["method"] == "bf16"]
-    assert kv == [*DEFAULT_MODELS, "mine", "dsv3-tiny"]
+    assert kv == [*DEFAULT_MODELS, "mine", "dsv3-tiny", "no-moe-layer"]
     tpot = [r["profile"] for r in doc["results"]
             if (r["metric"], r["subject"], r["method"]) == ("tpot_ms", "deepseek-v3-671b", "paper-7k")]
     assert tpot == [n for n in profile_names() if ep_link(load_profile(n)) is not None]
@@ -110,6 +115,12 @@ def test_a_different_profile_under_a_taken_name_is_an_error(capsys, tmp_path, ch
     path.write_text(_H800.replace(*change))
     assert main(["report", "--profile", "h800", "--profile", str(path)]) == 2
     assert capsys.readouterr().err == f"dsv3: error: --profile {path}: {message}\n"
+
+
+def test_moe_model_without_moe_layers_is_noted_not_counted(report_json):
+    doc, out = report_json
+    assert not [r for r in doc["results"] if r["subject"] == "no-moe-layer/moe-layer"]
+    assert "nothing to count: no-moe-layer" in (out / "report.md").read_text()
 
 
 def test_threads_default_to_all_cores(report_json):

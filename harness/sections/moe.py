@@ -137,9 +137,12 @@ def _non_moe_activated(cfg: ModelConfig) -> int:
 
 
 def _counts_table(ctx: ReportContext) -> Table:
+    """Count one MoE layer's forward of every model that has a MoE layer (a MoE section with first_k_dense_replace
+    = num_layers has none: noted, not counted)."""
     rows, records = [], []
     threads = torch.get_num_threads()
-    for cfg in (m for m in ctx.models if m.moe is not None):
+    no_moe_layer = [m.name for m in ctx.models if m.moe is not None and m.num_moe_layers == 0]
+    for cfg in (m for m in ctx.models if m.num_moe_layers):
         ctx.progress(f"moe: counting one {cfg.name} MoE layer's forward ...")
         layer = count_moe_layer(cfg)
         analytic_layer = (param_counts(cfg).router + param_counts(cfg).shared_experts
@@ -170,6 +173,9 @@ def _counts_table(ctx: ReportContext) -> Table:
              "norms from harness.analytic.params (the formula, not measured)",
              "GFLOP/token: torch.utils.flop_counter.FlopCounterMode over the same forward (matmuls, 2mnk); analytic: "
              "2 D E (router) + 6 D I (k + shared)"]
+    if no_moe_layer:
+        notes.append(f"no MoE layer (moe.first_k_dense_replace = num_layers), nothing to count: "
+                     f"{', '.join(no_moe_layer)}")
     return Table("DeepSeekMoE: activated parameters and layer FLOPs counted from a forward", headers, rows,
                  records, notes)
 
