@@ -112,6 +112,8 @@ def _out_dir(spec: str) -> Path:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    """`dsv3 report`: every input (models, profiles, --out) is checked before the machine is probed or anything is
+    measured, so that bad usage costs one line and no waiting."""
     models, declared = _models(args), _declared_profiles(args)  # validated first
     out = _out_dir(args.out) if args.out is not None else None
     torch.set_num_threads(args.threads or os.cpu_count() or 1)  # None: all cores; every measurement records it
@@ -122,32 +124,39 @@ def cmd_report(args: argparse.Namespace) -> int:
                         full=args.full, progress=progress_to_stderr)
     tables = run_sections(ctx, progress_to_stderr)
     env = environment(device)
-    if out:
+    if out is not None:
         write_outputs(out, tables, env)
         progress_to_stderr(f"wrote {' and '.join(str(out / name) for name in OUTPUT_FILES)}")
     sys.stdout.write(render(tables, env, args.format))
     return 0
 
 
-def cmd_profiles(args: argparse.Namespace) -> int:
-    """List the declared profiles (4 significant digits), or show one with every number's source (6 digits)."""
-    if args.name:
-        p = load_profile(args.name)
-        rows = [[f, significant(p.get(f), 6), p.sources.get(f, "")] for f in NUMERIC_FIELDS if p.get(f) is not None]
-        print(f"{p.name}: {p.description} [{p.kind}]\n")
-        print(tabulate(rows, headers=["field", "value", "source"], tablefmt="simple", disable_numparse=True,
-                       colalign=("left", "right", "left")))
-        if p.notes:
-            print(f"\nnotes: {p.notes}")
-        return 0
-    rows = []
-    for name in profile_names():
-        p = load_profile(name)
-        rows.append([p.name, *(significant(p.get(f)) for f in _LISTED), p.description])
+def _show_profile(p: Profile) -> None:
+    """One profile: every number (6 significant digits) beside its source, then the notes."""
+    rows = [[f, significant(p.get(f), 6), p.sources.get(f, "")] for f in NUMERIC_FIELDS if p.get(f) is not None]
+    print(f"{p.name}: {p.description} [{p.kind}]\n")
+    print(tabulate(rows, headers=["field", "value", "source"], tablefmt="simple", disable_numparse=True,
+                   colalign=("left", "right", "left")))
+    if p.notes:
+        print(f"\nnotes: {p.notes}")
+
+
+def _list_profiles() -> None:
+    """The declared profiles side by side, 4 significant digits."""
+    rows = [[p.name, *(significant(p.get(f)) for f in _LISTED), p.description]
+            for p in map(load_profile, profile_names())]
     print(tabulate(rows, headers=["profile", "BF16 TFLOP/s", "FP8 TFLOP/s", "mem GB/s", "scale-up GB/s",
                                   "scale-out GB/s", "description"], tablefmt="simple", disable_numparse=True,
                    colalign=("left", *("right",) * len(_LISTED), "left")))
     print("\nlocal: probed on demand (`dsv3 profiles local`); a user profile: `dsv3 profiles path/to/profile.toml`")
+
+
+def cmd_profiles(args: argparse.Namespace) -> int:
+    """`dsv3 profiles [NAME|PATH]`: list the declared profiles, or show one with every number's source."""
+    if args.name:
+        _show_profile(load_profile(args.name))
+    else:
+        _list_profiles()
     return 0
 
 
