@@ -132,8 +132,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def _show_profile(p: Profile) -> None:
-    """One profile: every number (6 significant digits) beside its source, then the notes."""
-    rows = [[f, significant(p.get(f), 6), p.sources.get(f, "")] for f in NUMERIC_FIELDS if p.get(f) is not None]
+    """One profile: every number (4 significant digits, as in the list) beside its source, then the notes."""
+    rows = [[f, significant(p.get(f)), p.sources.get(f, "")] for f in NUMERIC_FIELDS if p.get(f) is not None]
     print(f"{p.name}: {p.description} [{p.kind}]\n")
     print(tabulate(rows, headers=["field", "value", "source"], tablefmt="simple", disable_numparse=True,
                    colalign=("left", "right", "left")))

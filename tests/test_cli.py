@@ -243,5 +243,5 @@ def test_profiles_show_rounds_probed_floats(capsys, tmp_path):
         "bf16_dense_TFLOPS = { value = 989.4,", "bf16_dense_TFLOPS = { value = 0.0179277557783743,"))
     assert main(["profiles", str(path)]) == 0
     out = capsys.readouterr().out
-    assert " 0.0179278  " in out and "0.0179277557783743" not in out
-    assert " 1,978.9  " in out and " 3,350  " in out and " 80  " in out
+    assert " 0.01793  " in out and "0.0179277557783743" not in out
+    assert " 1,979  " in out and " 3,350  " in out and " 80  " in out
