@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 PY = VENV / "bin" / "python"
 STAMP = VENV / ".dsv3-installed"
-TEST_ARGS = ["-m", "not slow", "--benchmark-disable", "--hypothesis-profile=ci", "tests", "suites"]  # perf: one smoke run
+# perf cases run once, untimed, as smoke tests
+TEST_ARGS = ["-m", "not slow", "--benchmark-disable", "--hypothesis-profile=ci", "tests", "suites"]
 PERF_ARGS = ["-m", "perf", "suites/performance"]  # timed, slow cases included
 
 
@@ -44,14 +45,20 @@ def ensure_env() -> None:
 
 
 def main(argv: list[str]) -> int:
+    """Run the job named by argv[0] with the rest of argv; -h/--help prints this module's docstring (exit 0)."""
     jobs = {
         "report": [str(VENV / "bin" / "dsv3"), "report"],
         "test": [str(PY), "-m", "pytest", *TEST_ARGS],
         "perf": [str(PY), "-m", "pytest", *PERF_ARGS],
         "lint": [str(VENV / "bin" / "ruff"), "check", "."],
     }
+    usage = f"usage: python3 dev.py {{{'|'.join(jobs)}}} [options]"
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__.strip())
+        return 0
     if not argv or argv[0] not in jobs:
-        print(f"usage: python3 dev.py {{{'|'.join(jobs)}}} [options]", file=sys.stderr)
+        problem = f"unknown job {argv[0]!r}" if argv else "no job given"
+        print(f"dev.py: error: {problem}; {usage} (-h for help)", file=sys.stderr)
         return 2
     ensure_env()
     os.environ.setdefault("PYTHONDONTWRITEBYTECODE", "1")

@@ -272,9 +272,11 @@ class ModelConfig:
         """Load a JSON or TOML file: our schema, or a Hugging Face config.json (recognised by `model_type`)."""
         path = Path(path)
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")  # JSON and TOML are UTF-8 by specification
         except OSError as e:
             raise ConfigError(f"{path}: cannot read model config ({e.strerror})") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: cannot read model config (not UTF-8 text: byte {e.start})") from None
         try:
             data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
         except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:

@@ -106,9 +106,11 @@ def load_profile_file(path: str | Path) -> Profile:
     """Load and validate a profile TOML file."""
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))  # TOML is UTF-8 by specification
     except OSError as e:
         raise ProfileError(f"{path}: cannot read profile ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ProfileError(f"{path}: cannot read profile (not UTF-8 text: byte {e.start})") from None
     except tomllib.TOMLDecodeError as e:
         raise ProfileError(f"{path}: malformed TOML ({e})") from None
     return profile_from_dict(data, str(path))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from hardware.timing import quartiles
@@ -13,6 +14,19 @@ def num(value: float | None, digits: int = 2) -> str:
     if value is None:
         return "—"
     return f"{value:,.{digits}f}"
+
+
+def significant(value: float | None, digits: int = 4) -> str:
+    """`value` to `digits` significant digits, with thousands separators, no exponent and no trailing zeros; the
+    integer part is never rounded away (0.0179277557783743 -> 0.01793, 1978.9 -> 1,979, 80.0 -> 80,
+    123456.7 -> 123,457); an em dash for None."""
+    if value is None:
+        return "—"
+    if value == 0:
+        return "0"
+    decimals = max(0, digits - 1 - math.floor(math.log10(abs(value))))
+    text = f"{value:,.{decimals}f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 def count(value: float | None) -> str:

@@ -17,6 +17,7 @@ from harness.report_sections import ReportContext, Table, sections
 from harness.results import REQUIRED, Record, document, write_atomic
 
 FORMATS = ("text", "github", "latex", "csv", "json")
+OUTPUT_FILES = ("report.md", "results.json")  # what write_outputs writes into --out
 _TABLEFMT = {"text": "simple", "github": "github", "latex": "latex_booktabs"}
 
 
@@ -70,9 +71,10 @@ def render(tables: list[Table], env: dict[str, Any], fmt: str) -> str:
 
 
 def write_outputs(out_dir: Path, tables: list[Table], env: dict[str, Any]) -> None:
-    """Write report.md and results.json into `out_dir`, each atomically."""
-    write_atomic(out_dir / "report.md", f"# dsv3 report\n\n{render_tables(tables, 'github')}")
-    write_atomic(out_dir / "results.json", render(tables, env, "json"))
+    """Write OUTPUT_FILES (report.md, results.json) into `out_dir`, each atomically."""
+    report_md, results_json = OUTPUT_FILES
+    write_atomic(out_dir / report_md, f"# dsv3 report\n\n{render_tables(tables, 'github')}")
+    write_atomic(out_dir / results_json, render(tables, env, "json"))
 
 
 def progress_to_stderr(message: str) -> None:

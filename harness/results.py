@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,26 +77,32 @@ def document(records: list[Record], env: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_atomic(path: str | Path, text: str) -> None:
-    """Write `text` to `path` through a temp file in the same folder and a rename: never half-written."""
+    """Write `text` (UTF-8) to `path` through a temp file in the same folder and a rename: never half-written.
+
+    The file gets the mode a plain open() would give it (0o666 less the umask), so that others can read results the
+    user's umask lets them read; the temp file is created exclusively, so it is never another writer's.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_document(path: str | Path) -> dict[str, Any]:
     """Read and validate a results document."""
     path = Path(path)
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise ResultsError(f"{path}: cannot read results ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ResultsError(f"{path}: cannot read results (not UTF-8 text: byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise ResultsError(f"{path}: malformed JSON ({e})") from None
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:

@@ -17,6 +17,7 @@ from harness.analytic import (
     train_flops_per_token,
 )
 from harness.analytic.params import attention_params
+from harness.analytic.tpot import TPOT_METHODS, tpot_methods
 from harness.strategies import model_configs
 
 V3 = ModelConfig.preset("deepseek-v3-671b")
@@ -84,6 +85,19 @@ def test_tpot_bound_reproduces_the_paper():
         ep_comm_bound(QWEN, 50.0)
     with pytest.raises(ConfigError, match="bandwidth_GBps: expected a positive number"):
         ep_comm_bound(V3, 0.0)
+
+
+def test_paper_7k_is_undefined_where_hidden_rounds_to_zero():
+    tiny = ModelConfig.preset("dsv3-tiny")  # hidden_size 64: "0K"
+    with pytest.raises(ConfigError, match="dsv3-tiny: hidden_size: method paper-7k rounds it to thousands, which "
+                                          "gives 0 for 64; use method config-exact") as e:
+        ep_comm_bound(tiny, 50.0, "paper-7k")
+    assert "\n" not in str(e.value)
+    exact = 2 * 2 * 3 * 32 * 3 * 64 / 50e9  # layers x micro-batches x (1 + 2) B x tokens x (2 + 1) experts x hidden
+    assert ep_comm_bound(tiny, 50.0, "config-exact").tpot_s == pytest.approx(exact, rel=1e-12)
+    assert tpot_methods(tiny) == ("config-exact",)
+    assert tpot_methods(tiny.replace(hidden_size=500)) == ("config-exact",)  # round(500, -3) == 0
+    assert tpot_methods(tiny.replace(hidden_size=501)) == tpot_methods(V3) == TPOT_METHODS
 
 
 @given(model_configs())

@@ -151,8 +151,9 @@ def test_unknown_preset_and_bad_files(tmp_path):
     with pytest.raises(ConfigError, match="cannot read model config"):
         ModelConfig.load(tmp_path / "missing.json")
     hf = tmp_path / "hf.json"
-    hf.write_text(json.dumps({k: v for k, v in V3_HF.items() if k != "kv_lora_rank"}))
-    with pytest.raises(ConfigError, match="hf.json: hf config: missing 'kv_lora_rank'"):
+    hf.write_text(json.dumps({"model_type": "deepseek_v2"}))  # transformers has no default top-k for V2
+    with pytest.raises(ConfigError, match="hf.json: hf config: missing 'num_experts_per_tok' \\(model_type "
+                                          "'deepseek_v2' has no default for it\\)"):
         ModelConfig.load(hf)
     with pytest.raises(ConfigError, match="model_type: expected one of"):
         ModelConfig.from_hf({"model_type": "gpt2"})

@@ -55,10 +55,23 @@ def test_write_atomic_leaves_old_file_when_interrupted(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["results.json"]
 
 
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_write_atomic_honours_the_umask(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        write_atomic(tmp_path / "report.md", "x")
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "report.md").st_mode & 0o777 == mode
+
+
 def test_malformed_documents_are_named(tmp_path):
     path = tmp_path / "r.json"
     path.write_text("{")
     with pytest.raises(ResultsError, match="r.json: malformed JSON"):
+        read_document(path)
+    path.write_bytes(b'{"schema": "\xe9"}')
+    with pytest.raises(ResultsError, match="r.json: cannot read results \\(not UTF-8 text: byte 12\\)"):
         read_document(path)
     path.write_text(json.dumps({"schema": "other", "results": []}))
     with pytest.raises(ResultsError, match="schema: expected 'dsv3-results/1'"):

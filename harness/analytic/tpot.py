@@ -54,6 +54,7 @@ def ep_comm_bound(cfg: ModelConfig, bandwidth_GBps: float, method: str = "paper-
     """The bound for `cfg` over a link of `bandwidth_GBps` per GPU per direction.
 
     paper-7k rounds the hidden size to thousands as the paper does (7168 -> "7K" = 7000); config-exact uses it.
+    A hidden size that rounds to 0 thousands (<= 500) makes paper-7k undefined: ConfigError (see `tpot_methods`).
     """
     if cfg.moe is None:
         raise ConfigError(f"{cfg.name}: moe: the EP-communication bound needs a MoE model")
@@ -61,10 +62,23 @@ def ep_comm_bound(cfg: ModelConfig, bandwidth_GBps: float, method: str = "paper-
         raise ConfigError(f"method: expected one of {', '.join(TPOT_METHODS)}, got {method!r}")
     if bandwidth_GBps <= 0:
         raise ConfigError(f"bandwidth_GBps: expected a positive number, got {bandwidth_GBps!r}")
-    hidden = round(cfg.hidden_size, -3) if method == "paper-7k" else cfg.hidden_size
+    hidden = paper_hidden(cfg.hidden_size) if method == "paper-7k" else cfg.hidden_size
+    if hidden == 0:
+        raise ConfigError(f"{cfg.name}: hidden_size: method paper-7k rounds it to thousands, which gives 0 for "
+                          f"{cfg.hidden_size}; use method config-exact")
     experts = cfg.moe.num_experts_per_tok + cfg.moe.n_shared_experts
     return EPCommBound(method, hidden, tokens_per_device, experts, dispatch_bytes, combine_bytes, bandwidth_GBps,
                        cfg.num_layers, micro_batches)
+
+
+def paper_hidden(hidden_size: int) -> int:
+    """The hidden size as the paper writes it, rounded to thousands (7168 -> 7000)."""
+    return round(hidden_size, -3)
+
+
+def tpot_methods(cfg: ModelConfig) -> tuple[str, ...]:
+    """The methods that apply to `cfg`: paper-7k only where its rounded hidden size is not 0."""
+    return TPOT_METHODS if paper_hidden(cfg.hidden_size) else tuple(m for m in TPOT_METHODS if m != "paper-7k")
 
 
 def ep_link(profile: Profile) -> tuple[str, float] | None:

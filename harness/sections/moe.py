@@ -24,8 +24,11 @@ from harness.report_sections import ReportContext, Table, section
 
 @section("moe", "DeepSeekMoE: activated parameters and layer FLOPs", order=14, quick=True)
 def run_quick(ctx: ReportContext) -> list[Table]:
+    """Count one MoE layer's forward of every model that has a MoE layer (a MoE section with first_k_dense_replace
+    = num_layers has none: noted, not counted)."""
     rows, records = [], []
-    for cfg in (m for m in ctx.models if m.moe is not None):
+    no_moe_layer = [m.name for m in ctx.models if m.moe is not None and m.num_moe_layers == 0]
+    for cfg in (m for m in ctx.models if m.num_moe_layers):
         ctx.progress(f"moe: counting one {cfg.name} MoE layer's forward ...")
         layer = bench.count_moe_layer(cfg)
         ref = paper.ref("params_activated", cfg.name)
@@ -47,6 +50,9 @@ def run_quick(ctx: ReportContext) -> list[Table]:
              "norms from harness.analytic.params (the formula, not measured)",
              "GFLOP/token: torch.utils.flop_counter.FlopCounterMode over the same forward (matmuls, 2mnk); analytic: "
              "2 D E (router) + 6 D I (k + shared)"]
+    if no_moe_layer:
+        notes.append(f"no MoE layer (moe.first_k_dense_replace = num_layers), nothing to count: "
+                     f"{', '.join(no_moe_layer)}")
     return [Table("DeepSeekMoE: activated parameters and layer FLOPs counted from a forward", headers, rows,
                   records, notes)]
 
@@ -54,10 +60,10 @@ def run_quick(ctx: ReportContext) -> list[Table]:
 @section("moe_full", "DeepSeekMoE: layer speed and load balancing", order=64, quick=False)
 def run_full(ctx: ReportContext) -> list[Table]:
     dtype = working_dtype(ctx.local)
-    speed = [_speed_table(ctx, cfg, dtype) for cfg in ctx.measured_models(lambda m: m.moe is not None, bench.MID_CFG)]
-    default = ModelConfig.preset(balancing.MODEL)
-    return speed + [_balancing_table(ctx, cfg) for cfg in ctx.measured_models(lambda m: m.moe is not None and
-                                                                              m.moe.bias, default)]
+    speed = [_speed_table(ctx, cfg, dtype)
+             for cfg in ctx.measured_models(lambda m: m.num_moe_layers > 0, bench.MID_CFG)]
+    biased = ctx.measured_models(lambda m: m.moe is not None and m.moe.bias, ModelConfig.preset(balancing.MODEL))
+    return speed + [_balancing_table(ctx, cfg) for cfg in biased]
 
 
 def _speed_table(ctx: ReportContext, cfg: ModelConfig, dtype: torch.dtype) -> Table:
