@@ -10,7 +10,8 @@ import pytest
 
 from hardware.profile import load_profile, profile_names
 from harness.analytic import ep_link
-from harness.cli import DEFAULT_MODELS, main
+from harness.cli import main
+from harness.commands.report import DEFAULT_MODELS
 from harness.report import render
 from harness.report_sections import Table
 from harness.results import Record
