@@ -104,13 +104,19 @@ def _counted_flops(layer: nn.Module, x: torch.Tensor, start: int, cache: Any) ->
     return counter.get_total_flops()
 
 
-def measure_layer(cfg: ModelConfig, mode: str, device: str) -> LayerMeasurement:
+def measure_layers(cfg: ModelConfig, device: str) -> list[LayerMeasurement]:
+    """`measure_layer` in every mode of `measured_modes(cfg)`, the modes sharing one set of zero weights."""
+    state = real_layer(cfg, "absorbed", torch.float32, device, seed=None).state_dict()
+    return [measure_layer(load_layer(cfg, state, mode), mode) for mode in measured_modes(cfg)]
+
+
+def measure_layer(layer: nn.Module, mode: str) -> LayerMeasurement:
     """Count what one real-dimension layer does: prefill FLOP_PREFILL tokens into a BF16 cache sized for them (its
     nbytes / slots is the measured size; the prefill FLOPs are counted), then count one decode step after
-    FLOP_CONTEXT cached tokens (both capped by max_seq_len). The layer holds zero weights and computes in fp32:
-    a count depends on neither values nor the compute dtype, and CPUs without native BF16 run fp32 matmuls
-    faster (the cache is BF16, as the table says)."""
-    layer = real_layer(cfg, mode, torch.float32, device, seed=None)
+    FLOP_CONTEXT cached tokens (both capped by max_seq_len). The layer (`measure_layers`) holds zero weights and
+    computes in fp32: a count depends on neither values nor the compute dtype, and CPUs without native BF16 run
+    fp32 matmuls faster (the cache is BF16, as the table says)."""
+    cfg, device = layer.cfg, layer.wo.weight.device
     tokens, context = min(FLOP_PREFILL, cfg.max_seq_len), min(FLOP_CONTEXT, cfg.max_seq_len - 1)
     x = torch.randn(1, tokens, cfg.hidden_size, device=device)
     cache = layer.new_cache(1, tokens, dtype=torch.bfloat16)

@@ -18,7 +18,7 @@ def run_quick(ctx: ReportContext) -> list[Table]:
     measured = []
     for cfg in ctx.models:
         ctx.progress(f"mla: one real-dimension {cfg.name} attention layer (live cache, FlopCounterMode)")
-        measured += [bench.measure_layer(cfg, mode, ctx.device) for mode in bench.measured_modes(cfg)]
+        measured += bench.measure_layers(cfg, ctx.device)
     return [_cache_table(measured), _flops_table(measured)]
 
 
