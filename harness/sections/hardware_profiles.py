@@ -22,7 +22,7 @@ def run(ctx: ReportContext) -> list[Table]:
                       unit=u, method=ctx.local.sources[f]) for f, u in _UNITS.items()]
     notes = [f"local: {ctx.local.description}; memory bandwidth, BF16 and FP32 matmul measured now "
              f"(FP32 {num(ctx.local.fp32_dense_TFLOPS, 3)} TFLOP/s)",
-             "declared profiles: dense compute, bandwidth per GPU per direction; `dsv3 profiles show NAME` "
+             "declared profiles: dense compute, bandwidth per GPU per direction; `dsv3 profiles NAME` "
              "lists each number's source"]
     headers = ["profile", "kind", *(h for _, h, _ in _COLUMNS), "scale-up domain", "GPUs/node"]
     return [Table("Hardware profiles", headers, rows, records, notes)]
