@@ -1,6 +1,6 @@
 """The documentation against the project: the protocol table lists every protocol member and every property an
-implementation may declare not applicable; every relative link and every project path the docs name exists; the
-README stays a front page."""
+implementation may declare not applicable; every relative link (file and heading) and every project path the docs
+name exists; the README stays a front page."""
 
 from __future__ import annotations
 
@@ -44,11 +44,22 @@ def test_protocol_table_lists_every_member_and_property(component):
     assert not missing, f"docs/protocols.md, {heading}: missing {', '.join(missing)}"
 
 
+def _anchors(page: Path) -> set[str]:
+    """GitHub's anchors of a page's headings: lower case, punctuation dropped, spaces as hyphens."""
+    headings = re.findall(r"^#+ (.+)$", page.read_text(), re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+
+
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
-def test_relative_links_point_at_existing_files(page):
-    targets = [t for t in LINK.findall(page.read_text()) if not re.match(r"[a-z]+:|#", t)]
-    missing = [t for t in targets if not (page.parent / t.split("#")[0]).exists()]
-    assert not missing, f"{page.relative_to(ROOT)} links to missing files: {', '.join(missing)}"
+def test_relative_links_point_at_existing_files_and_headings(page):
+    targets = [t for t in LINK.findall(page.read_text()) if not re.match(r"[a-z]+:", t)]
+    missing = []
+    for target in targets:
+        path, _, anchor = target.partition("#")
+        file = page if not path else page.parent / path
+        if not file.exists() or (anchor and file.suffix == ".md" and anchor not in _anchors(file)):
+            missing.append(target)
+    assert not missing, f"{page.relative_to(ROOT)} links to missing files or headings: {', '.join(missing)}"
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
@@ -62,6 +73,12 @@ def test_project_paths_named_in_code_spans_exist(page):
 def test_readme_is_a_front_page():
     size = (ROOT / "README.md").stat().st_size
     assert size <= README_MAX_BYTES, f"README.md is {size} bytes; the front page keeps to {README_MAX_BYTES}"
+
+
+def test_anchors_follow_githubs_rule(tmp_path):
+    page = tmp_path / "p.md"
+    page.write_text("# The paper's numbers\n## The `local` profile (`hardware/probe.py`)\n")
+    assert _anchors(page) == {"the-papers-numbers", "the-local-profile-hardwareprobepy"}
 
 
 def test_the_section_helper_stops_at_the_next_heading():
