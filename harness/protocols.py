@@ -52,7 +52,8 @@ class MLAImpl(Protocol):
     to everything cached before it in its row. `start_pos` is an int or a [B] int64 tensor (per-row positions,
     e.g. `cache.lengths`); `seqlens` [B] counts each row's valid tokens (right padding: not cached, output rows
     exactly zero). The cache exposes `lengths` ([B] int64, tokens held per row). Every implementation must accept
-    float64 (the cache tests run there unless `fp64_exact` is declared not applicable).
+    float64: the tests that compare it with itself (decode, chunks, rows, pages, NaN isolation) run there;
+    `fp64_exact` concerns only the comparison with the float64 ground truth.
     """
 
     component: str

@@ -44,7 +44,7 @@ def fwd_flops_per_token(cfg: ModelConfig, context: int) -> float:
     return 2.0 * param_counts(cfg).activated_non_embedding + cfg.num_layers * attention_core_flops(cfg, context)
 
 
-# --- MLA (issue 3): forward FLOPs of one attention layer as executed, for FlopCounterMode to match -------------
+# --- One attention layer as executed: forward FLOPs (what FlopCounterMode counts) and decode bytes -------------
 
 
 def attention_matrix_params(cfg: ModelConfig) -> int:
@@ -92,7 +92,7 @@ def attention_decode_bytes(cfg: ModelConfig, context: int, batch: int = 1, mla_m
     return attention_params(cfg) * DTYPE_BYTES[dtype] + batch * (context + 1) * cache
 
 
-# --- MoE (issue 4) ---------------------------------------------------------------------------------------------
+# --- One DeepSeekMoE layer -------------------------------------------------------------------------------------
 def moe_layer_fwd_flops_per_token(cfg: ModelConfig) -> float:
     """Forward FLOPs per token of one DeepSeekMoE layer, matmuls only (what FlopCounterMode counts): the router
     logits (2 D E) plus three D x I matmuls for each of the k routed and the shared experts."""
@@ -103,7 +103,7 @@ def moe_layer_fwd_flops_per_token(cfg: ModelConfig) -> float:
                                                                                + m.n_shared_experts)
 
 
-# --- FP8 (issue 5) ---------------------------------------------------------------------------------------------
+# --- GEMMs, quantizers and tiled number formats ----------------------------------------------------------------
 def gemm_flops(m: int, n: int, k: int) -> float:
     """FLOPs of an [M, K] x [K, N] matmul: 2 M N K (a multiply and an add per product)."""
     return 2.0 * m * n * k
