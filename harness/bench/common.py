@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 from hardware.profile import Profile
 from hardware.timing import Timing, paired_ratio, round_ratios
@@ -44,6 +46,29 @@ def materialise_(module: nn.Module, device: str, dtype: torch.dtype, seed: int |
             else:
                 t.fill_(1.0) if t.dim() == 1 else t.zero_()
     return module
+
+
+class FlopCount(TorchDispatchMode):
+    """Counts the FLOPs of what runs inside by torch.utils.flop_counter's registered formulas, as FlopCounterMode
+    does (tests check they agree), without its module tracking and its first-use import of torch._dynamo (seconds
+    on a CPU: the quick report's budget). `total` after the block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 (torch's signature)
+        kwargs = kwargs or {}
+        if func is not torch.ops.prim.device.default:  # as FlopCounterMode: count what an op decomposes into
+            with self:
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out
 
 
 def conditions(device: str) -> dict[str, Any]:

@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from baselines.attention import Attention
 from dsv3ref.config import MLA_MODES, ModelConfig
@@ -24,7 +23,7 @@ from hardware.timing import Timing, time_interleaved
 from harness import paper
 from harness.analytic.flops import attention_decode_bytes, attention_layer_fwd_flops
 from harness.analytic.kv_cache import kv_cache_bytes_per_token
-from harness.bench.common import conditions, dtype_name, materialise_, speedup_record
+from harness.bench.common import FlopCount, conditions, dtype_name, materialise_, speedup_record
 from harness.numerics import calc_diff
 from harness.results import Record
 
@@ -97,11 +96,11 @@ class LayerMeasurement:
 
 
 def _counted_flops(layer: nn.Module, x: torch.Tensor, start: int, cache: Any) -> int:
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), FlopCount() as counter:
         out = layer(x, start, cache)
     if not bool(torch.isfinite(out).all()):
         raise RuntimeError("a real-dimension layer produced non-finite output")
-    return counter.get_total_flops()
+    return counter.total
 
 
 def measure_layers(cfg: ModelConfig, device: str) -> list[LayerMeasurement]:
