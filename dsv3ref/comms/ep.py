@@ -200,20 +200,31 @@ class _Rows:
 
     def pack(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """[N, bytes] uint8 from tensors [N, elements] (or [N])."""
+        n = next(iter(tensors.values())).shape[0]
+        if n == 0:  # views between dtypes need a unit stride, which empty tensors need not have
+            return torch.empty(0, self.nbytes(self.names), dtype=torch.uint8, device=tensors["topk_idx"].device)
         parts = [tensors[name].reshape(tensors[name].shape[0], elements).contiguous().view(torch.uint8)
                  for name, _, elements in self.fields]
         return torch.cat(parts, dim=1)
 
     def unpack(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        if rows.shape[0] == 0:
+            return {name: torch.empty(0, elements, dtype=dtype, device=rows.device)
+                    for name, dtype, elements in self.fields}
         out, start = {}, 0
         for name, dtype, elements in self.fields:
             width = elements * dtype.itemsize
-            out[name] = rows[:, start:start + width].contiguous().view(dtype)  # [T, elements]
+            field = rows[:, start:start + width].clone(memory_format=torch.contiguous_format)  # [T, width] bytes
+            out[name] = field.view(dtype)  # [T, elements]
             start += width
         return out
 
     def nbytes(self, names: tuple[str, ...]) -> int:
         return sum(e * d.itemsize for n, d, e in self.fields if n in names)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(n for n, _, _ in self.fields)
 
     @property
     def payload_names(self) -> tuple[str, ...]:
