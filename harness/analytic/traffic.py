@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dsv3ref.comms.dispatch import dispatch_layout
+from dsv3ref.comms.dispatch import DispatchLayout, dispatch_layout
 from harness.analytic.tpot import tpot_from_comm_time
 
 PATHS = ("flat", "hierarchical")
@@ -58,15 +58,36 @@ class Placement:
         return torch.arange(self.ranks) % self.gpus_per_node
 
 
-def _check(indices: torch.Tensor, src_rank: torch.Tensor, placement: Placement, path: str) -> None:
-    if path not in PATHS:
-        raise TrafficError(f"path: expected one of {', '.join(PATHS)}, got {path!r}")
+@dataclass(frozen=True)
+class Routing:
+    """Where tokens go: `indices` [N, k] expert ids (-1: none), `src_rank` [N] each token's rank, the placement, and
+    the dispatch layout (deduplicated per rank and node), computed once."""
+
+    indices: torch.Tensor
+    src_rank: torch.Tensor
+    placement: Placement
+    layout: DispatchLayout
+
+    @property
+    def tokens(self) -> int:
+        return self.indices.shape[0]
+
+
+def routing(indices: torch.Tensor, src_rank: torch.Tensor, placement: Placement) -> Routing:
+    """Validate a routing decision and compute its layout."""
     if src_rank.shape != (indices.shape[0],):
         raise TrafficError(f"src_rank: expected shape [{indices.shape[0]}] (one rank per token), got "
                            f"{list(src_rank.shape)}")
     if src_rank.numel() and (src_rank.min() < 0 or src_rank.max() >= placement.ranks):
         raise TrafficError(f"src_rank: expected ranks in [0, {placement.ranks}), got [{int(src_rank.min())}, "
                            f"{int(src_rank.max())}]")
+    layout = dispatch_layout(indices, placement.n_experts, placement.ranks, placement.gpus_per_node)
+    return Routing(indices, src_rank, placement, layout)
+
+
+def _path(path: str) -> None:
+    if path not in PATHS:
+        raise TrafficError(f"path: expected one of {', '.join(PATHS)}, got {path!r}")
 
 
 def _count(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -74,41 +95,39 @@ def _count(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.double().T @ b.double()).round().long()
 
 
-def pair_rows(indices: torch.Tensor, src_rank: torch.Tensor, placement: Placement,
-              path: str) -> tuple[torch.Tensor, ...]:
-    """Rows each rank sends each rank, [R, R] int64 (sender, receiver), for every all-to-all stage of a dispatch of
-    tokens routed to experts `indices` [N, k] (-1: none) from ranks `src_rank` [N]. Flat: one stage; hierarchical:
-    the scale-out stage (sender -> same-plane GPU of each destination node) and the forwarding stage."""
-    _check(indices, src_rank, placement, path)
-    r, g = placement.ranks, placement.gpus_per_node
-    layout = dispatch_layout(indices, placement.n_experts, r, g)
-    source = torch.nn.functional.one_hot(src_rank, r)  # [N, R]
+def pair_rows(r: Routing, path: str) -> tuple[torch.Tensor, ...]:
+    """Rows each rank sends each rank, [R, R] int64 (sender, receiver), for every all-to-all stage of the
+    dispatch. Flat: one stage; hierarchical: the scale-out stage (sender -> same-plane GPU of each destination
+    node, itself on its own node) and the forwarding stage inside each node."""
+    _path(path)
+    place = r.placement
+    ranks, g = place.ranks, place.gpus_per_node
+    source = torch.nn.functional.one_hot(r.src_rank, ranks)  # [N, R]
     if path == "flat":
-        return (_count(source, layout.is_token_in_rank),)
-    to_node = _count(source, layout.is_token_in_node)  # [R, nodes]: rows from each rank to each node
-    first = torch.zeros(r, r, dtype=torch.long)
-    columns = torch.arange(placement.nodes)[None, :] * g + placement.local()[:, None]  # [R, nodes]
+        return (_count(source, r.layout.is_token_in_rank),)
+    to_node = _count(source, r.layout.is_token_in_node)  # [R, nodes]: rows from each rank to each node
+    first = torch.zeros(ranks, ranks, dtype=torch.long)
+    columns = torch.arange(place.nodes)[None, :] * g + place.local()[:, None]  # [R, nodes]
     first.scatter_(1, columns, to_node)
-    plane = torch.nn.functional.one_hot(src_rank % g, g)  # [N, G]
-    by_plane = _count(plane, layout.is_token_in_rank)  # [G, R]: rows from plane i's senders to each rank
-    second = torch.zeros(r, r, dtype=torch.long)
-    forwarder = placement.node()[None, :] * g + torch.arange(g)[:, None]  # [G, R]: the GPU forwarding to rank
-    second.index_put_((forwarder.flatten(), torch.arange(r).repeat(g)), by_plane.flatten(), accumulate=True)
+    plane = torch.nn.functional.one_hot(r.src_rank % g, g)  # [N, G]
+    by_plane = _count(plane, r.layout.is_token_in_rank)  # [G, R]: rows from plane i's senders to each rank
+    second = torch.zeros(ranks, ranks, dtype=torch.long)
+    forwarder = place.node()[None, :] * g + torch.arange(g)[:, None]  # [G, R]: the GPU forwarding to a rank
+    second.index_put_((forwarder.flatten(), torch.arange(ranks).repeat(g)), by_plane.flatten(), accumulate=True)
     return first, second
 
 
-def scaleout_crossings(indices: torch.Tensor, src_rank: torch.Tensor, placement: Placement,
-                       path: str) -> torch.Tensor:
+def scaleout_crossings(r: Routing, path: str) -> torch.Tensor:
     """[N] scale-out messages each token's dispatch sends: distinct destination ranks (flat) or nodes
     (hierarchical) outside its own node."""
-    _check(indices, src_rank, placement, path)
-    layout = dispatch_layout(indices, placement.n_experts, placement.ranks, placement.gpus_per_node)
-    own = src_rank // placement.gpus_per_node
+    _path(path)
+    place = r.placement
+    own = r.src_rank // place.gpus_per_node
     if path == "flat":
-        remote = placement.node()[None, :] != own[:, None]  # [N, R]
-        return (layout.is_token_in_rank & remote).sum(-1)
-    remote = torch.arange(placement.nodes)[None, :] != own[:, None]  # [N, nodes]
-    return (layout.is_token_in_node & remote).sum(-1)
+        remote = place.node()[None, :] != own[:, None]  # [N, R]
+        return (r.layout.is_token_in_rank & remote).sum(-1)
+    remote = torch.arange(place.nodes)[None, :] != own[:, None]  # [N, nodes]
+    return (r.layout.is_token_in_node & remote).sum(-1)
 
 
 @dataclass(frozen=True)
@@ -208,12 +227,12 @@ class EPTraffic:
         return tpot_from_comm_time(self.time_s(scaleout_GBps, scaleup_GBps), layers, micro_batches)
 
 
-def ep_traffic(indices: torch.Tensor, src_rank: torch.Tensor, placement: Placement, path: str,
-               dispatch_row_bytes: int, combine_row_bytes: int, fabric: str = "mpft") -> EPTraffic:
+def ep_traffic(r: Routing, path: str, dispatch_row_bytes: int, combine_row_bytes: int,
+               fabric: str = "mpft") -> EPTraffic:
     """Traffic of one dispatch (rows of `dispatch_row_bytes`) and its combine (`combine_row_bytes`)."""
-    if indices.shape[0] == 0:
+    if r.tokens == 0:
         raise TrafficError("indices: expected at least one token, got none")
-    stages = pair_rows(indices, src_rank, placement, path)
-    return EPTraffic(path, fabric, indices.shape[0], link_loads(stages, placement, dispatch_row_bytes, fabric),
-                     link_loads(stages, placement, combine_row_bytes, fabric, reverse=True),
-                     scaleout_crossings(indices, src_rank, placement, path))
+    stages = pair_rows(r, path)
+    return EPTraffic(path, fabric, r.tokens, link_loads(stages, r.placement, dispatch_row_bytes, fabric),
+                     link_loads(stages, r.placement, combine_row_bytes, fabric, reverse=True),
+                     scaleout_crossings(r, path))

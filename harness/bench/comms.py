@@ -28,7 +28,7 @@ from dsv3ref.config import ModelConfig, MoEConfig
 from dsv3ref.fp8.quant import dequant_1x128, quant_1x128
 from dsv3ref.moe import MoE, loop_experts, select_experts
 from hardware.profile import Profile
-from harness.analytic.traffic import Placement, ep_traffic
+from harness.analytic.traffic import EPTraffic, Placement, Routing, ep_traffic, routing
 from harness.bench.common import conditions
 from harness.numerics import CALC_DIFF_BF16, F64_IDENTITY_RTOL, calc_diff, max_rel_err
 from harness.registry import not_applicable, resolve
@@ -298,7 +298,7 @@ def measured_records(spec: str, path: str, case: EPCase, results: list[dict[str,
     src = torch.cat([torch.full((n,), r) for r, n in enumerate(case.tokens)])
     dispatch_row = payload_bytes(case.hidden, case.torch_dtype, case.dispatch_fmt)
     combine_row = payload_bytes(case.hidden, case.torch_dtype, case.combine_fmt)
-    model = ep_traffic(indices, src, case.placement, path, dispatch_row, combine_row)
+    model = ep_traffic(routing(indices, src, case.placement), path, dispatch_row, combine_row)
     common = {"impl": spec, "path": path, "nodes": case.nodes, "gpus_per_node": case.gpus_per_node,
               "tokens_per_rank": case.tokens[0], "hidden": case.hidden, "experts": case.experts, "topk": case.topk,
               "node_limit": case.node_limit, "dispatch_fmt": case.dispatch_fmt, "combine_fmt": case.combine_fmt,
@@ -372,14 +372,14 @@ def gathered(job: Callable[..., Any], *args: Any) -> list[Any]:
 
 # --- simulated DeepSeek-V3 routing at real size (analytic tables) --------------------------------------------------
 def simulated_routing(cfg: ModelConfig, placement: Placement, tokens_per_rank: int,
-                      seed: int = ROUTING_SEED) -> tuple[torch.Tensor, torch.Tensor]:
+                      seed: int = ROUTING_SEED) -> Routing:
     """Routing of `tokens_per_rank` tokens on every rank through the config's router rule (sigmoid affinities of
-    N(0, 1) logits, zero bias, group-limited top-k): indices [N, k] and each token's source rank [N]."""
+    N(0, 1) logits, zero bias, group-limited top-k)."""
     gen = torch.Generator().manual_seed(seed)
     n = placement.ranks * tokens_per_rank
     scores = torch.randn(n, cfg.moe.n_routed_experts, generator=gen).sigmoid()
     indices = select_experts(scores, torch.zeros(cfg.moe.n_routed_experts), cfg.moe)
-    return indices, torch.arange(placement.ranks).repeat_interleave(tokens_per_rank)
+    return routing(indices, torch.arange(placement.ranks).repeat_interleave(tokens_per_rank), placement)
 
 
 def v3_placement(cfg: ModelConfig, profile: Profile | None = None) -> Placement | None:
@@ -397,14 +397,13 @@ def v3_placement(cfg: ModelConfig, profile: Profile | None = None) -> Placement 
     return Placement(ranks // gpus, gpus, cfg.moe.n_routed_experts)
 
 
-def v3_traffic(cfg: ModelConfig, placement: Placement, path: str, fabric: str = "mpft") -> Any:
-    """Traffic of `cfg`'s simulated routing, 32 tokens per GPU, FP8 dispatch (with scales) and BF16 combine."""
-    indices, src = simulated_routing(cfg, placement, V3_TOKENS_PER_GPU)
-    return ep_traffic(indices, src, placement, path, payload_bytes(cfg.hidden_size, torch.bfloat16, "fp8"),
+def v3_traffic(cfg: ModelConfig, r: Routing, path: str, fabric: str = "mpft") -> EPTraffic:
+    """Traffic of a routing of `cfg`'s tokens with FP8 dispatch (with its scales) and BF16 combine."""
+    return ep_traffic(r, path, payload_bytes(cfg.hidden_size, torch.bfloat16, "fp8"),
                       payload_bytes(cfg.hidden_size, torch.bfloat16, "bf16"), fabric)
 
 
-def traffic_record(cfg: ModelConfig, placement: Placement, traffic: Any) -> Record:
+def traffic_record(cfg: ModelConfig, placement: Placement, traffic: EPTraffic) -> Record:
     """ep_scaleout_bytes_per_token (analytic) of simulated routing."""
     return Record("ep_scaleout_bytes_per_token", traffic.path, traffic.scaleout_bytes_per_token, "B",
                   method="simulated-routing",
@@ -414,6 +413,20 @@ def traffic_record(cfg: ModelConfig, placement: Placement, traffic: Any) -> Reco
                          "combine_bytes_per_token": traffic.combine.scaleout_total / traffic.tokens,
                          "crossings_mean": float(traffic.crossings.float().mean()),
                          "crossings_max": int(traffic.crossings.max()), "seed": ROUTING_SEED})
+
+
+def tpot_traffic_record(cfg: ModelConfig, profile: Profile, placement: Placement, traffic: EPTraffic,
+                        paper_ms: float | None) -> Record:
+    """tpot_ms of the paper's bound fed with simulated traffic: every MoE layer pays the flow-level dispatch +
+    combine time of its busiest port per micro-batch (2 micro-batches), on the profile's links."""
+    up, out = profile.scaleup_GBps_per_gpu, profile.scaleout_GBps_per_gpu
+    t = traffic.time_s(out, up)
+    return Record("tpot_ms", cfg.name, traffic.tpot_s(out, up, cfg.num_moe_layers) * 1e3, "ms", profile=profile.name,
+                  paper=paper_ms, method=f"ep-traffic-{traffic.path}-{traffic.fabric}",
+                  extra={"comm_time_us": t * 1e6, "layers": cfg.num_moe_layers, "micro_batches": 2,
+                         "nodes": placement.nodes, "gpus_per_node": placement.gpus_per_node,
+                         "tokens_per_gpu": V3_TOKENS_PER_GPU, "scaleout_GBps": out, "scaleup_GBps": up,
+                         "tokens_per_s": 1.0 / traffic.tpot_s(out, up, cfg.num_moe_layers)})
 
 
 # --- topology records ---------------------------------------------------------------------------------------------

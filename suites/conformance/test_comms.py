@@ -1,5 +1,5 @@
 """Conformance of expert-parallel dispatch/combine (component `ep`) to DeepEP's normal-mode semantics, on a world
-of processes on this machine: 4 ranks on the CPU (gloo), one per GPU under --dsv3-device cuda (NCCL). Each
+of processes on this machine (`ep_world`): 4 ranks on the CPU (gloo), one per GPU under --dsv3-device cuda (NCCL). Each
 hypothesis example is a case (ranks per node, experts, top-k, node limit, tokens per rank including none, hidden
 sizes across 128-wide FP8 tiles, dropped slots); every rank builds its inputs from the case's seed, so the
 expectations here are computed in this process from the same inputs, with the torch layout reference.
@@ -19,11 +19,10 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from dsv3ref.comms.dispatch import dispatch_layout
-from dsv3ref.comms.ep import backend_for, payload_bytes
+from dsv3ref.comms.ep import payload_bytes
 from dsv3ref.fp8.quant import quant_1x128
-from harness.analytic.traffic import pair_rows, scaleout_crossings, sender_bytes
+from harness.analytic.traffic import Routing, pair_rows, routing, scaleout_crossings, sender_bytes
 from harness.bench.comms import BAD_INPUTS, EPCase, bad_input_job, case_tokens, moe_job, raw_routing, transport_job
-from harness.distributed import LocalWorld
 from harness.numerics import CALC_DIFF_BF16, CALC_DIFF_FP8, F64_IDENTITY_RTOL, calc_diff, max_rel_err
 from harness.pytest_plugin import skip_if_not_applicable
 from harness.registry import not_applicable
@@ -31,29 +30,14 @@ from harness.registry import not_applicable
 pytestmark = [pytest.mark.conformance, pytest.mark.distributed, pytest.mark.dsv3_component("ep")]
 
 # Each example is a round of collectives on every rank: a third of the profile's examples (5 in CI), and no
-# shrinking (a rank that fails mid-collective leaves the others waiting for the timeout, so each shrink step would
-# cost TIMEOUT_S): a failure reports the example that failed. `impl_name` is function-scoped but only names the
-# parametrised implementation, so sharing it across examples is safe.
+# shrinking (a rank that fails mid-collective leaves the others waiting for the world's collective timeout at each
+# shrink step): a failure reports the example that failed. `impl_name` is function-scoped but only names the
+# parametrised implementation, so sharing it across examples is safe. The world: `ep_world` (suites/conftest.py).
 EXAMPLES = max(3, settings.default.max_examples // 3)
-TIMEOUT_S = 20.0
 distributed = settings(max_examples=EXAMPLES, phases=[Phase.explicit, Phase.reuse, Phase.generate],
                        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                               HealthCheck.data_too_large])
-CPU_WORLD = 4
 HIDDEN = (8, 24, 136)  # 136: two 1x128 FP8 tiles, the second partial
-
-
-def world_size(device: str) -> int:
-    if device == "cuda":
-        count = torch.cuda.device_count()
-        return 4 if count >= 4 else (2 if count >= 2 else 1)
-    return CPU_WORLD
-
-
-@pytest.fixture(scope="module")
-def world(dsv3_device):
-    with LocalWorld(world_size(dsv3_device), backend_for(dsv3_device), timeout_s=TIMEOUT_S) as w:
-        yield w
 
 
 @st.composite
@@ -102,18 +86,19 @@ def copies(case: EPCase, rank: int) -> torch.Tensor:
     return dispatch_layout(idx, case.experts, case.world, case.gpus_per_node).is_token_in_rank.sum(-1, keepdim=True)
 
 
-def all_routing(case: EPCase, indices: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def all_routing(case: EPCase, indices: list[torch.Tensor]) -> Routing:
+    """Every rank's routing as one decision (tokens of rank 0, then rank 1, ...)."""
     src = torch.cat([torch.full((i.shape[0],), r) for r, i in enumerate(indices)])
-    return torch.cat(indices), src
+    return routing(torch.cat(indices), src, case.placement)
 
 
 # --- dispatch ----------------------------------------------------------------------------------------------------
 @distributed
 @given(data=st.data())
-def test_dispatch_delivers_each_token_once_per_destination_rank_in_order(impl, impl_name, world, data):
-    case = data.draw(cases(world.world_size))
+def test_dispatch_delivers_each_token_once_per_destination_rank_in_order(impl, impl_name, ep_world, data):
+    case = data.draw(cases(ep_world.world_size))
     skip_if_not_applicable(impl, "fp64")
-    results = world.run(transport_job, impl_name, case)
+    results = ep_world.run(transport_job, impl_name, case)
     per_rank = case.experts // case.world
     for rank, got in enumerate(results):
         pairs, ids, weights = expected_delivery(case, rank)
@@ -130,12 +115,12 @@ def test_dispatch_delivers_each_token_once_per_destination_rank_in_order(impl, i
 
 @distributed
 @given(data=st.data())
-def test_combine_sums_each_tokens_copies(impl, impl_name, world, data):
+def test_combine_sums_each_tokens_copies(impl, impl_name, ep_world, data):
     # Identity experts: a token comes back once from every rank it reached, so the sum is x times that count
     # (DeepEP's check: combined / sum(is_token_in_rank) == x). Float64: only the summation rounds.
-    case = data.draw(cases(world.world_size))
+    case = data.draw(cases(ep_world.world_size))
     skip_if_not_applicable(impl, "fp64")
-    results = world.run(transport_job, impl_name, case)
+    results = ep_world.run(transport_job, impl_name, case)
     for rank, got in enumerate(results):
         expected = case_tokens(case, rank) * copies(case, rank)
         assert got["combined"].shape == expected.shape
@@ -148,15 +133,15 @@ def test_combine_sums_each_tokens_copies(impl, impl_name, world, data):
                                                               ("float32", "fp8", CALC_DIFF_FP8)])
 @distributed
 @given(data=st.data())
-def test_low_precision_dispatch_and_bf16_combine(impl, impl_name, world, data, dtype, dispatch_fmt, bound):
+def test_low_precision_dispatch_and_bf16_combine(impl, impl_name, ep_world, data, dtype, dispatch_fmt, bound):
     # BF16 dispatch carries the bf16 rows bit-exactly; FP8 carries exactly quant_1x128's e4m3 bytes and fp32
     # scales. The BF16 combine of the received activations (identity experts) over the copy count must then match
     # x within DeepGEMM's calc_diff bound of the dispatch format (BF16 1e-5, FP8 1e-3): rounding the partial sums
     # to BF16 costs ~2^-9 relative, FP8's 3-bit mantissa ~2^-4, a lost or doubled copy ~0.1 or more.
     if dispatch_fmt == "fp8":
         skip_if_not_applicable(impl, "fp8_dispatch")
-    case = data.draw(cases(world.world_size, dtype, dispatch_fmt, "bf16"))
-    results = world.run(transport_job, impl_name, case)
+    case = data.draw(cases(ep_world.world_size, dtype, dispatch_fmt, "bf16"))
+    results = ep_world.run(transport_job, impl_name, case)
     for rank, got in enumerate(results):
         pairs, _, _ = expected_delivery(case, rank)
         rows = torch.stack([case_tokens(case, s)[t] for s, t in pairs]) if pairs else \
@@ -175,31 +160,30 @@ def test_low_precision_dispatch_and_bf16_combine(impl, impl_name, world, data, d
 # --- the EP MoE --------------------------------------------------------------------------------------------------
 @distributed
 @given(data=st.data())
-def test_ep_moe_equals_the_single_process_moe(impl, impl_name, world, data):
+def test_ep_moe_equals_the_single_process_moe(impl, impl_name, ep_world, data):
     # Float64: the EP layer computes the same terms as the single-process MoE, summed in another order.
     skip_if_not_applicable(impl, "fp64")
-    case = data.draw(cases(world.world_size))
-    results = world.run(moe_job, impl_name, case)
+    case = data.draw(cases(ep_world.world_size))
+    results = ep_world.run(moe_job, impl_name, case)
     for got in results:
         assert got["out"].shape == got["reference"].shape
         assert max_rel_err(got["out"], got["reference"]) <= F64_IDENTITY_RTOL
-    indices, src = all_routing(case, [got["indices"] for got in results])
-    layout = dispatch_layout(indices, case.experts, case.world, case.gpus_per_node)
-    assert most(layout.is_token_in_node.sum(-1)) <= case.node_limit  # node-limited routing
+    routed = all_routing(case, [got["indices"] for got in results])
+    assert most(routed.layout.is_token_in_node.sum(-1)) <= case.node_limit  # node-limited routing
 
 
 @pytest.mark.parametrize("dispatch_fmt", ["bf16", "fp8"])
 @distributed
 @given(data=st.data())
-def test_ep_moe_in_bf16_within_calc_diff_of_the_single_process_moe(impl, impl_name, world, data, dispatch_fmt):
+def test_ep_moe_in_bf16_within_calc_diff_of_the_single_process_moe(impl, impl_name, ep_world, data, dispatch_fmt):
     # BF16 activations and weights, BF16 combine. The reference is the single-process BF16 MoE whose routed experts
     # see x after the dispatch format's rounding (FP8: quant_1x128 then dequant), so the only rounding EP may add is
     # the BF16 combine of partial sums (~2^-9 relative, calc_diff ~1e-6): DeepGEMM's BF16 bound 1e-5 applies. A
     # lost or doubled expert term, or the FP8 error left out of the reference (~1e-3), is far above it.
     if dispatch_fmt == "fp8":
         skip_if_not_applicable(impl, "fp8_dispatch")
-    case = data.draw(cases(world.world_size, "bfloat16", dispatch_fmt, "bf16"))
-    for got in world.run(moe_job, impl_name, case):
+    case = data.draw(cases(ep_world.world_size, "bfloat16", dispatch_fmt, "bf16"))
+    for got in ep_world.run(moe_job, impl_name, case):
         if got["out"].numel():
             assert calc_diff(got["out"], got["reference"]) < CALC_DIFF_BF16
 
@@ -207,16 +191,16 @@ def test_ep_moe_in_bf16_within_calc_diff_of_the_single_process_moe(impl, impl_na
 # --- link bytes and node deduplication ---------------------------------------------------------------------------
 @distributed
 @given(data=st.data())
-def test_link_bytes_equal_the_traffic_models_count(impl, impl_name, world, data):
+def test_link_bytes_equal_the_traffic_models_count(impl, impl_name, ep_world, data):
     # The counters of every rank equal the analytic count of the same routing: messages per destination from the
     # torch layout, on the multi-plane fabric (node deduplication: the hierarchical path, else flat).
     skip_if_not_applicable(impl, "link_bytes")
     fmt = data.draw(st.sampled_from(["native", "fp8"] if "fp8_dispatch" not in not_applicable(impl) else
                                     ["native"]))
-    case = data.draw(cases(world.world_size, "float32", fmt, "bf16"))
-    results = world.run(transport_job, impl_name, case)
-    indices, src = all_routing(case, [raw_routing(case, r)[0] for r in range(case.world)])
-    stages = pair_rows(indices, src, case.placement, "hierarchical" if node_dedup(impl) else "flat")
+    case = data.draw(cases(ep_world.world_size, "float32", fmt, "bf16"))
+    results = ep_world.run(transport_job, impl_name, case)
+    routed = all_routing(case, [raw_routing(case, r)[0] for r in range(case.world)])
+    stages = pair_rows(routed, "hierarchical" if node_dedup(impl) else "flat")
     for direction, key, row in (("dispatch", "dispatch_bytes", payload_bytes(case.hidden, torch.float32, fmt)),
                                 ("combine", "combine_bytes", payload_bytes(case.hidden, torch.float32, "bf16"))):
         scaleout, scaleup = sender_bytes(stages, case.placement, row, reverse=direction == "combine")
@@ -227,17 +211,16 @@ def test_link_bytes_equal_the_traffic_models_count(impl, impl_name, world, data)
 
 @distributed
 @given(data=st.data())
-def test_node_dedup_crosses_scale_out_at_most_node_limit_times(impl, impl_name, world, data):
+def test_node_dedup_crosses_scale_out_at_most_node_limit_times(impl, impl_name, ep_world, data):
     # With node-limited routing (M nodes) a deduplicating path sends one scale-out message per token and remote
     # destination node: the counted messages equal that sum, each token's at most M; flat sends one per remote
     # destination rank, up to k.
     skip_if_not_applicable(impl, "node_dedup")
     skip_if_not_applicable(impl, "link_bytes")
-    case = data.draw(cases(world.world_size, "float32", "native", "native"))
-    results = world.run(moe_job, impl_name, case)
-    indices, src = all_routing(case, [got["indices"] for got in results])
-    hierarchical = scaleout_crossings(indices, src, case.placement, "hierarchical")
-    flat = scaleout_crossings(indices, src, case.placement, "flat")
+    case = data.draw(cases(ep_world.world_size, "float32", "native", "native"))
+    results = ep_world.run(moe_job, impl_name, case)
+    routed = all_routing(case, [got["indices"] for got in results])
+    hierarchical, flat = (scaleout_crossings(routed, path) for path in ("hierarchical", "flat"))
     messages = sum(got["dispatch_bytes"].scaleout_total for got in results) // payload_bytes(case.hidden,
                                                                                              torch.float32, "native")
     assert messages == int(hierarchical.sum()) <= int(flat.sum())
@@ -247,11 +230,11 @@ def test_node_dedup_crosses_scale_out_at_most_node_limit_times(impl, impl_name, 
 # --- bad input ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("kind", "names"), [("experts", "n_experts"), ("hidden", "hidden"), ("dtype", "dtype"),
                                              ("topk", "k"), ("fmt", "fmt")])
-def test_bad_input_raises_on_every_rank(impl, impl_name, world, kind, names):
+def test_bad_input_raises_on_every_rank(impl, impl_name, ep_world, kind, names):
     skip_if_not_applicable(impl, "input_checks")
-    if world.world_size < 2:
+    if ep_world.world_size < 2:
         pytest.skip("a disagreement between ranks needs two ranks")
     assert kind in BAD_INPUTS
-    case = EPCase(1, (3,) * world.world_size, 16, 2 * world.world_size, 2, 1, 7)
-    messages = world.run(bad_input_job, impl_name, case, kind)
+    case = EPCase(1, (3,) * ep_world.world_size, 16, 2 * ep_world.world_size, 2, 1, 7)
+    messages = ep_world.run(bad_input_job, impl_name, case, kind)
     assert all(m is not None and names in m for m in messages), messages
