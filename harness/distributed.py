@@ -41,10 +41,10 @@ def _rank_main(rank: int, world_size: int, port: int, backend: str, timeout_s: f
     """A rank: join the world, then run jobs from `inbox` until None; report each job's result or traceback."""
     torch.set_num_threads(1)
     timeout = datetime.timedelta(seconds=timeout_s)
-    store = dist.TCPStore(HOST, port, world_size, is_master=False, timeout=timeout)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     if backend == "nccl":
         torch.cuda.set_device(rank % torch.cuda.device_count())
+    store = dist.TCPStore(HOST, port, world_size, is_master=False, timeout=timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     outbox.put((rank, None, "ok", None))
     while (job := inbox.get()) is not None:
         job_id, fn, args = job

@@ -12,7 +12,7 @@ import itertools
 
 import networkx as nx
 
-from dsv3ref.comms.topology import TopologyError, _even_radix, _positive, slim_fly_delta
+from dsv3ref.comms.topology import TopologyError, check_positive, check_radix, slim_fly_delta
 
 Vertex = tuple
 
@@ -34,8 +34,8 @@ def _two_layer(graph: nx.Graph, k: int, plane: int, leaf_of: dict[Vertex, int]) 
 def multi_plane_graph(k: int, planes: int, nvlink: bool = False) -> nx.Graph:
     """MPFT: `planes` FT2 planes of radix k; k^2/2 nodes of `planes` GPUs, GPU i of node n on leaf n // (k/2) of
     plane i (planes = 1 is FT2)."""
-    _even_radix(k)
-    _positive("planes", planes)
+    check_radix(k)
+    check_positive("planes", planes)
     graph = nx.Graph()
     nodes = k * k // 2
     for plane in range(planes):
@@ -48,8 +48,8 @@ def multi_plane_graph(k: int, planes: int, nvlink: bool = False) -> nx.Graph:
 def multi_rail_graph(k: int, rails: int, nvlink: bool = False) -> nx.Graph:
     """MRFT: one FT2 of radix k whose leaves form `rails` rails of k/rails leaves; (k^2/2)/rails nodes of `rails`
     GPUs, GPU r of node n on leaf r (k/rails) + n // (k/2) of rail r."""
-    _even_radix(k)
-    _positive("rails", rails)
+    check_radix(k)
+    check_positive("rails", rails)
     if k % rails:
         raise TopologyError(f"rails: expected a divisor of the radix {k}, got {rails}")
     graph = nx.Graph()
@@ -64,7 +64,7 @@ def multi_rail_graph(k: int, rails: int, nvlink: bool = False) -> nx.Graph:
 def fat_tree3_graph(k: int) -> nx.Graph:
     """FT3 of radix k: pods of k/2 edge and k/2 aggregation switches, (k/2)^2 cores; GPU ("gpu", e, i) is endpoint
     i of edge switch e (one GPU per node)."""
-    _even_radix(k)
+    check_radix(k)
     half = k // 2
     graph = nx.Graph()
     for pod in range(k):
@@ -122,7 +122,7 @@ def dragonfly_graph(p: int, a: int, h: int) -> nx.Graph:
     """Canonical Dragonfly with the maximum g = a h + 1 groups: routers of a group all-to-all; group i reaches group
     t over its global port t (t < i) or t - 1 (t > i), port m on router m // h (one link per pair of groups)."""
     for name, value in (("p", p), ("a", a), ("h", h)):
-        _positive(name, value)
+        check_positive(name, value)
     groups = a * h + 1
     graph = nx.Graph()
     for grp in range(groups):

@@ -75,25 +75,27 @@ class Topology:
         return self.cost_usd(prices) / self.endpoints
 
 
-def _even_radix(k: int) -> None:
+def check_radix(k: int) -> None:
+    """Raise TopologyError unless k is an even switch radix >= 2."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 2 or k % 2:
         raise TopologyError(f"k: expected an even switch radix >= 2, got {k!r}")
 
 
-def _positive(name: str, value: int) -> None:
+def check_positive(name: str, value: int) -> None:
+    """Raise TopologyError unless `value` is a positive integer."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise TopologyError(f"{name}: expected a positive integer, got {value!r}")
 
 
 def fat_tree2(k: int) -> Topology:
     """Two-layer fat-tree of radix k: k^2/2 endpoints, 3k/2 switches, k^2/2 leaf-spine links."""
-    _even_radix(k)
+    check_radix(k)
     return Topology("FT2", k * k // 2, k + k // 2, k * k // 2, k, (("k", k),))
 
 
 def multi_plane(k: int, planes: int) -> Topology:
     """`planes` independent FT2 planes of radix k (each node's NIC i on plane i)."""
-    _positive("planes", planes)
+    check_positive("planes", planes)
     one = fat_tree2(k)
     return Topology("MPFT", planes * one.endpoints, planes * one.switches, planes * one.links, k,
                     (("k", k), ("planes", planes)))
@@ -102,8 +104,8 @@ def multi_plane(k: int, planes: int) -> Topology:
 def multi_rail(k: int, rails: int) -> Topology:
     """One FT2 of radix k whose k leaves form `rails` rails (k/rails leaves each); NIC r of a node goes to rail r.
     Counts equal FT2's: a multi-rail fat-tree differs in wiring, not in equipment."""
-    _even_radix(k)
-    _positive("rails", rails)
+    check_radix(k)
+    check_positive("rails", rails)
     if k % rails:
         raise TopologyError(f"rails: expected a divisor of the radix {k} (leaves split evenly), got {rails}")
     one = fat_tree2(k)
@@ -112,13 +114,13 @@ def multi_rail(k: int, rails: int) -> Topology:
 
 def fat_tree3(k: int) -> Topology:
     """Three-layer fat-tree of radix k: k^3/4 endpoints, 5k^2/4 switches, k^3/2 switch-to-switch links."""
-    _even_radix(k)
+    check_radix(k)
     return Topology("FT3", k ** 3 // 4, 5 * k * k // 4, k ** 3 // 2, k, (("k", k),))
 
 
 def slim_fly_delta(q: int) -> int:
     """delta of q = 4w + delta, delta in {-1, 0, 1} (q odd or a multiple of 4; q = 4w + 2 has none)."""
-    _positive("q", q)
+    check_positive("q", q)
     delta = {0: 0, 1: 1, 3: -1}.get(q % 4)
     if delta is None or q < 3:
         raise TopologyError(f"q: expected q = 4w + delta with delta in {{-1, 0, 1}} and q >= 3, got {q}")
@@ -142,7 +144,7 @@ def slim_fly(q: int, endpoints_per_switch: int | None = None) -> Topology:
     delta = slim_fly_delta(q)
     degree = (3 * q - delta) // 2
     p = math.ceil(degree / 2) if endpoints_per_switch is None else endpoints_per_switch
-    _positive("endpoints_per_switch", p)
+    check_positive("endpoints_per_switch", p)
     switches = 2 * q * q
     return Topology("SF", switches * p, switches, switches * degree // 2, degree + p,
                     (("q", q), ("p", p), ("network_degree", degree)))
@@ -153,9 +155,9 @@ def dragonfly(p: int, a: int, h: int, g: int | None = None) -> Topology:
     links and h global links. Every global port is cabled (g a h / 2 global links; below the maximum g some pairs of
     groups get parallel links), plus g a (a - 1) / 2 local links."""
     for name, value in (("p", p), ("a", a), ("h", h)):
-        _positive(name, value)
+        check_positive(name, value)
     groups = a * h + 1 if g is None else g
-    _positive("g", groups)
+    check_positive("g", groups)
     if not 2 <= groups <= a * h + 1:
         raise TopologyError(f"g: expected 2 <= g <= a h + 1 = {a * h + 1} (one global link per pair of groups at "
                             f"least), got {groups}")

@@ -9,6 +9,7 @@ single-process references without communication.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import statistics
@@ -165,10 +166,17 @@ def dispatch_rounded(x: torch.Tensor, fmt: str) -> torch.Tensor:
     return x.to(torch.bfloat16).to(x.dtype) if fmt == "bf16" else x
 
 
+def _single_process(moe: MoE, x: torch.Tensor, routed_x: torch.Tensor, weights: torch.Tensor,
+                    indices: torch.Tensor) -> torch.Tensor:
+    """The MoE layer's output in one process for a given routing: routed experts on `routed_x`, shared on x."""
+    y = loop_experts(moe, routed_x, weights, indices)
+    return y if moe.shared_experts is None else y + moe.shared_experts(x)
+
+
 def moe_job(spec: str, case: EPCase) -> dict[str, Any]:
     """The case's EP MoE over `spec` on this rank's tokens; with the routing, the link bytes of its dispatch and
-    combine, and the single-process reference on the same tokens: the same MoE (same dtype) with the dispatch
-    format's rounding applied to the routed experts' input (shared experts and router see x)."""
+    combine, and two single-process references for the same routing, whose routed experts see x after the dispatch
+    format's rounding: `reference` in the case's dtype, `truth` in float64 (from the same weights and inputs)."""
     ep, impl = rank_group(case.gpus_per_node), ep_impl(spec)
     moe = case_moe(case).to(ep.device)
     x = case_tokens(case, ep.rank).to(ep.device)
@@ -176,10 +184,11 @@ def moe_job(spec: str, case: EPCase) -> dict[str, Any]:
     with torch.no_grad():
         out = layer(x)
         weights, indices = moe.gate(x)
-        reference = loop_experts(moe, dispatch_rounded(x, case.dispatch_fmt), weights, indices)
-        if moe.shared_experts is not None:
-            reference = reference + moe.shared_experts(x)
-    return {"out": _cpu(out), "reference": _cpu(reference), "indices": _cpu(indices),
+        routed_x = dispatch_rounded(x, case.dispatch_fmt)
+        reference = _single_process(moe, x, routed_x, weights, indices)
+        exact = copy.deepcopy(moe).double()
+        truth = _single_process(exact, x.double(), routed_x.double(), weights.double(), indices)
+    return {"out": _cpu(out), "reference": _cpu(reference), "truth": _cpu(truth), "indices": _cpu(indices),
             "dispatch_bytes": layer.dispatch_bytes, "combine_bytes": layer.combine_bytes}
 
 
@@ -357,7 +366,7 @@ def run_ep(run: Callable[..., list[Any]], spec: str, case: EPCase, reps: int) ->
         rule, bound = "max_rel_err (float64 identity)", F64_IDENTITY_RTOL
         error = max((max_rel_err(o, ref) for o, ref in outputs), default=0.0)
     else:
-        rule, bound = "calc_diff (BF16 bound)", CALC_DIFF_BF16
+        rule, bound = "calc_diff (DeepGEMM's BF16 bound)", CALC_DIFF_BF16
         error = max((calc_diff(o, ref) for o, ref in outputs), default=0.0)
     path = impl_path(spec)
     return EPRun(spec, path, error, rule, bound, measured_records(spec, path, case, run(timing_job, spec, case, reps)))

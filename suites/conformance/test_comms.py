@@ -1,14 +1,15 @@
 """Conformance of expert-parallel dispatch/combine (component `ep`) to DeepEP's normal-mode semantics, on a world
-of processes on this machine (`ep_world`): 4 ranks on the CPU (gloo), one per GPU under --dsv3-device cuda (NCCL). Each
-hypothesis example is a case (ranks per node, experts, top-k, node limit, tokens per rank including none, hidden
-sizes across 128-wide FP8 tiles, dropped slots); every rank builds its inputs from the case's seed, so the
-expectations here are computed in this process from the same inputs, with the torch layout reference.
+of processes on this machine (`ep_world`): 4 ranks on the CPU (gloo), one per GPU under --dsv3-device cuda
+(NCCL). Each hypothesis example is a case (ranks per node, experts, top-k, node limit, tokens per rank including
+none, hidden sizes across 128-wide FP8 tiles, dropped slots); every rank builds its inputs from the case's seed,
+so the expectations here are computed in this process from the same inputs, with the torch layout reference.
 
 Properties: each token reaches each rank holding one of its experts exactly once, in source-rank then token order,
-with its local expert ids and weights; combine sums a token's copies (float64: to rounding; BF16/FP8 within
-DeepGEMM's calc_diff bounds); the EP MoE equals the single-process MoE on the same tokens; link byte counters
-equal the traffic model's count; with node-limited routing and node deduplication a token crosses scale-out at
-most M times; bad input raises on every rank.
+with its local expert ids and weights; combine sums a token's copies (float64: to rounding; BF16 combine within
+DeepGEMM's BF16 calc_diff bound of the dispatched values); the EP MoE equals the single-process MoE on the same
+tokens (float64: to rounding; BF16 with BF16 or FP8 dispatch: the flash-attention rule); link byte counters equal
+the traffic model's count; with node-limited routing and node deduplication a token crosses scale-out at most M
+times; bad input raises on every rank.
 """
 
 from __future__ import annotations
@@ -22,8 +23,17 @@ from dsv3ref.comms.dispatch import dispatch_layout
 from dsv3ref.comms.ep import payload_bytes
 from dsv3ref.fp8.quant import quant_1x128
 from harness.analytic.traffic import Routing, pair_rows, routing, scaleout_crossings, sender_bytes
-from harness.bench.comms import BAD_INPUTS, EPCase, bad_input_job, case_tokens, moe_job, raw_routing, transport_job
-from harness.numerics import CALC_DIFF_BF16, CALC_DIFF_FP8, F64_IDENTITY_RTOL, calc_diff, max_rel_err
+from harness.bench.comms import (
+    BAD_INPUTS,
+    EPCase,
+    bad_input_job,
+    case_tokens,
+    dispatch_rounded,
+    moe_job,
+    raw_routing,
+    transport_job,
+)
+from harness.numerics import CALC_DIFF_BF16, F64_IDENTITY_RTOL, calc_diff, max_rel_err, within_low_precision_rule
 from harness.pytest_plugin import skip_if_not_applicable
 from harness.registry import not_applicable
 
@@ -129,15 +139,14 @@ def test_combine_sums_each_tokens_copies(impl, impl_name, ep_world, data):
     assert sum(got["x"].shape[0] for got in results) == sent  # tokens conserved: every copy arrives once
 
 
-@pytest.mark.parametrize(("dtype", "dispatch_fmt", "bound"), [("bfloat16", "bf16", CALC_DIFF_BF16),
-                                                              ("float32", "fp8", CALC_DIFF_FP8)])
+@pytest.mark.parametrize(("dtype", "dispatch_fmt"), [("bfloat16", "bf16"), ("float32", "fp8")])
 @distributed
 @given(data=st.data())
-def test_low_precision_dispatch_and_bf16_combine(impl, impl_name, ep_world, data, dtype, dispatch_fmt, bound):
+def test_low_precision_dispatch_and_bf16_combine(impl, impl_name, ep_world, data, dtype, dispatch_fmt):
     # BF16 dispatch carries the bf16 rows bit-exactly; FP8 carries exactly quant_1x128's e4m3 bytes and fp32
-    # scales. The BF16 combine of the received activations (identity experts) over the copy count must then match
-    # x within DeepGEMM's calc_diff bound of the dispatch format (BF16 1e-5, FP8 1e-3): rounding the partial sums
-    # to BF16 costs ~2^-9 relative, FP8's 3-bit mantissa ~2^-4, a lost or doubled copy ~0.1 or more.
+    # scales. The BF16 combine of the received activations (identity experts) must then equal the dispatched
+    # values times the copy count up to BF16 rounding of the partial sums (at most two roundings of 2^-9:
+    # calc_diff < 8e-6): DeepGEMM's BF16 bound 1e-5. A lost or doubled copy is ~0.1 or more.
     if dispatch_fmt == "fp8":
         skip_if_not_applicable(impl, "fp8_dispatch")
     case = data.draw(cases(ep_world.world_size, dtype, dispatch_fmt, "bf16"))
@@ -151,10 +160,9 @@ def test_low_precision_dispatch_and_bf16_combine(impl, impl_name, ep_world, data
             assert torch.equal(got["x"], q.view(torch.uint8)) and torch.equal(got["scales"], s)
         else:
             assert torch.equal(got["x"], rows)
-        x = case_tokens(case, rank)
-        if x.shape[0]:
-            assert calc_diff(got["combined"].double() / copies(case, rank).clamp_min(1), x.double()
-                             * (copies(case, rank) > 0)) < bound
+        expected = dispatch_rounded(case_tokens(case, rank), dispatch_fmt).double() * copies(case, rank)
+        if expected.any():
+            assert calc_diff(got["combined"], expected) < CALC_DIFF_BF16
 
 
 # --- the EP MoE --------------------------------------------------------------------------------------------------
@@ -175,17 +183,22 @@ def test_ep_moe_equals_the_single_process_moe(impl, impl_name, ep_world, data):
 @pytest.mark.parametrize("dispatch_fmt", ["bf16", "fp8"])
 @distributed
 @given(data=st.data())
-def test_ep_moe_in_bf16_within_calc_diff_of_the_single_process_moe(impl, impl_name, ep_world, data, dispatch_fmt):
-    # BF16 activations and weights, BF16 combine. The reference is the single-process BF16 MoE whose routed experts
-    # see x after the dispatch format's rounding (FP8: quant_1x128 then dequant), so the only rounding EP may add is
-    # the BF16 combine of partial sums (~2^-9 relative, calc_diff ~1e-6): DeepGEMM's BF16 bound 1e-5 applies. A
-    # lost or doubled expert term, or the FP8 error left out of the reference (~1e-3), is far above it.
+def test_ep_moe_in_bf16_within_the_error_of_a_single_process_bf16_moe(impl, impl_name, ep_world, data,
+                                                                      dispatch_fmt):
+    # BF16 activations and weights, BF16 combine; references for the same routing whose routed experts see x
+    # after the dispatch format's rounding (FP8: quant_1x128 then dequant). Flash-attention rule, as the MoE suite
+    # applies it: the EP output's error against the float64 truth (max over outputs, relative to the largest) within
+    # 3x the error of the single-process BF16 MoE plus half a BF16 ulp: the two round differently (EP rounds each
+    # rank's partial sum to BF16, the hierarchical path once more at the forwarding GPU, the reference each
+    # accumulation step), so 2-3x is ordinary; a lost or doubled expert term is orders of magnitude larger.
     if dispatch_fmt == "fp8":
         skip_if_not_applicable(impl, "fp8_dispatch")
     case = data.draw(cases(ep_world.world_size, "bfloat16", dispatch_fmt, "bf16"))
     for got in ep_world.run(moe_job, impl_name, case):
         if got["out"].numel():
-            assert calc_diff(got["out"], got["reference"]) < CALC_DIFF_BF16
+            check = within_low_precision_rule(got["out"], got["reference"], got["truth"], factor=3.0,
+                                              floor=2.0 ** -9, metric=max_rel_err)
+            assert check.ok, str(check)
 
 
 # --- link bytes and node deduplication ---------------------------------------------------------------------------
