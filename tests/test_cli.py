@@ -246,3 +246,21 @@ def test_profiles_show_rounds_probed_floats(capsys, tmp_path):
     out = capsys.readouterr().out
     assert " 0.01793  " in out and "0.0179277557783743" not in out
     assert " 1,979  " in out and " 3,350  " in out and " 80  " in out
+
+
+def test_report_reproduces_table3_and_the_ep_traffic(report_json):
+    doc, _ = report_json
+    for name, (endpoints, switches, links, per_endpoint) in {
+            "FT2": (2_048, 96, 2_048, 4.39), "MPFT": (16_384, 768, 16_384, 4.39), "FT3": (65_536, 5_120, 131_072, 7.5),
+            "SF": (32_928, 1_568, 32_928, 4.4), "DF": (261_632, 16_352, 384_272, 5.8)}.items():
+        assert _value(doc, "topology_endpoints", name) == endpoints
+        assert _value(doc, "topology_switches", name) == switches
+        assert _value(doc, "topology_links", name) == links
+        for prices in ("two-column", "five-column-fit"):
+            assert _value(doc, "topology_cost_per_endpoint", name, method=prices) == pytest.approx(per_endpoint,
+                                                                                                 rel=0.05)
+    flat = _value(doc, "ep_scaleout_bytes_per_token", "flat")
+    hierarchical = _value(doc, "ep_scaleout_bytes_per_token", "hierarchical")
+    assert 0 < hierarchical < flat < 8 * (7168 + 224 + 2 * 7168)  # at most k remote copies, each dispatch + combine
+    traffic = [r for r in doc["results"] if r["metric"] == "tpot_ms" and r["method"].startswith("ep-traffic-")]
+    assert {r["profile"] for r in traffic} >= {"h800", "gb200-nvl72"}

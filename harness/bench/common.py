@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -98,3 +100,15 @@ def working_dtype(local: Profile) -> torch.dtype:
 def dtype_name(dtype: torch.dtype) -> str:
     """bf16, fp32, ... as the records write a dtype."""
     return {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16", torch.float64: "fp64"}[dtype]
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to `n` for a block, then restored: arithmetic on small tensors (the analytic
+    tables' routing and traffic) runs ~10x faster on one thread than through a pool contended by other jobs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
