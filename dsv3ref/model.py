@@ -100,7 +100,7 @@ class Transformer(nn.Module):
 
     `attn_mode` is MLA's "absorbed" (default) or "naive"; `moe_backend` is how MoE layers run their routed
     experts ("auto", default; "loop", the reference; see `dsv3ref.backends`). Weights are initialised
-    N(0, init_std) (linear, embedding, router), norms to one.
+    N(0, init_std) (linear, embedding, router), norms to one (built on the meta device: left uninitialised).
     """
 
     def __init__(self, cfg: ModelConfig, attn_mode: str = "absorbed", moe_backend: str = "auto",
@@ -111,14 +111,17 @@ class Transformer(nn.Module):
         if not init_std > 0:
             raise ConfigError(f"init_std: expected a positive value, got {init_std!r}")
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # an explicit (empty) weight skips nn.Embedding's own N(0, 1) init, replaced below anyway: on the meta
+        # device that init imports torch._dynamo (seconds)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                  _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList(Block(i, cfg, attn_mode, moe_backend) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.head.weight = self.embed.weight
         for p in self.parameters():
-            if p.dim() >= 2:
+            if p.dim() >= 2 and not p.is_meta:  # a meta model holds no values (and meta normal_ imports dynamo)
                 nn.init.normal_(p, std=init_std)
 
     @classmethod

@@ -1,0 +1,313 @@
+"""Workloads of the assembled model: its forward FLOPs counted against the analytic total (quick), time per output
+token of greedy decoding measured beside the per-operator roofline prediction, and cached decoding against
+recomputation of the whole prefix (full); and the record builders of the DeepSeek-V3 decode-unit prediction.
+
+The measured model is built on the meta device and materialised in the machine's working dtype (pseudo-random
+weights, `harness.bench.common.materialise_`). A TPOT point: the cache is prefilled with `context` random tokens,
+two warm-up steps are run and rewound, then `TPOT_STEPS` greedy steps (one token per row, the argmax fed back)
+are timed one by one (CUDA events on a GPU); median and p90 over the steps. The prediction uses the same model,
+batch and dtype at the middle context of the timed steps, with the distinct routed experts the timed steps touched.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from dsv3ref.config import AttentionConfig, ModelConfig, MoEConfig
+from dsv3ref.generate import generate
+from dsv3ref.model import ModelCache, Transformer
+from hardware.profile import Profile
+from hardware.timing import Timing, paired_ratio, time_fn, time_interleaved
+from harness import paper
+from harness.analytic.decode import DecodeStep, Deployment, Prediction, UnitPrediction, predict
+from harness.analytic.flops import model_fwd_flops
+from harness.bench.common import conditions, dtype_name, materialise_, speedup_record
+from harness.results import Record
+
+TPOT_MODEL = "dsv3-small"  # the measured table's model when --model names none that fits
+TPOT_CONTEXTS = (64, 256, 896)
+TPOT_BATCHES = (1, 4)
+# A model whose decode step reads ~0.7 GB of fp32 weights per token: the memory term outweighs the per-operator
+# overhead on a CPU (dsv3-small reads 11 MB, and its step is dispatch overhead), so the roofline itself is tested.
+MID_CFG = ModelConfig.preset("dsv3-small").replace(
+    name="tpot-mid", hidden_size=2048, intermediate_size=8192,
+    attention=AttentionConfig(kind="mla", num_heads=16, q_lora_rank=512, kv_lora_rank=256, qk_nope_head_dim=64,
+                              qk_rope_head_dim=32, v_head_dim=64),
+    moe=MoEConfig(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=2048, n_shared_experts=1,
+                  first_k_dense_replace=1, score_func="sigmoid", route_scale=2.5, bias=True))
+MID_CONTEXTS = (64, 256)
+TPOT_STEPS = 16
+PREFILL_CHUNK = 256
+RECOMPUTE_NEW_TOKENS = (16, 64, 128)
+RECOMPUTE_PROMPT = 16
+FLOP_MODEL = "dsv3-tiny"  # the quick FLOP count's model when --model names none that fits
+FLOP_CONTEXT = 16  # prefill length before the counted decode step
+FLOP_BATCH = 2
+MEASURED_MAX_PARAMS = 200_000_000  # a --model is measured here only up to this size
+PREDICTION_TOLERANCE = 1.5  # measured / predicted within [1/1.5, 1.5] counts as predicted
+
+
+def fits_here(cfg: ModelConfig) -> bool:
+    """Whether a model can be measured here: MLA + MoE, small enough to materialise in full."""
+    if cfg.attention.kind != "mla":
+        return False
+    with torch.device("meta"):
+        params = sum(p.numel() for p in Transformer(cfg).parameters())
+    return params <= MEASURED_MAX_PARAMS
+
+
+def bench_model(cfg: ModelConfig, dtype: torch.dtype, device: str, seed: int | None = 0, attn_mode: str = "absorbed",
+                moe_backend: str = "auto") -> Transformer:
+    """The whole model, built on the meta device and materialised (pseudo-random from `seed`, zeros for None)."""
+    with torch.device("meta"):
+        model = Transformer(cfg, attn_mode=attn_mode, moe_backend=moe_backend)
+    return materialise_(model, device, dtype, seed).eval()
+
+
+# --- quick: forward FLOPs, counted and analytic ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FlopCount:
+    """Matmul FLOPs FlopCounterMode counted for a prefill and the decode step after it, with the analytic totals."""
+
+    cfg: ModelConfig
+    mode: str
+    batch: int
+    context: int
+    counted: dict[str, int]  # phase -> FLOPs
+    analytic: dict[str, float]
+
+
+def count_flops(cfg: ModelConfig, device: str, mode: str = "absorbed", batch: int = FLOP_BATCH,
+                context: int = FLOP_CONTEXT) -> FlopCount:
+    """Count one prefill of `context` tokens per row and the decode step after it, through the whole model (zero
+    weights, fp32, the per-expert MoE loop: a count depends on neither values nor dtype, and the loop runs
+    exactly the selected experts). One torch thread: a count does not depend on it, and a loaded machine stalls
+    multi-threaded small ops."""
+    context = min(context, cfg.max_seq_len - 1)
+    model = bench_model(cfg, torch.float32, device, seed=None, attn_mode=mode, moe_backend="loop")
+    cache = model.new_cache(batch, context + 1)
+    tokens = torch.zeros(batch, context + 1, dtype=torch.long, device=device)
+    counted, threads = {}, torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for phase, chunk in (("prefill", tokens[:, :context]), ("decode", tokens[:, context:])):
+            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                model.extend(chunk, cache)
+            counted[phase] = counter.get_total_flops()
+    finally:
+        torch.set_num_threads(threads)
+    analytic = {"prefill": model_fwd_flops(cfg, context, 0, batch, mode),
+                "decode": model_fwd_flops(cfg, 1, context, batch, mode)}
+    return FlopCount(cfg, mode, batch, context, counted, analytic)
+
+
+def flop_records(f: FlopCount) -> list[Record]:
+    """fwd_gflops_per_token of the whole model, measured (FlopCounterMode) and analytic, per phase."""
+    records = []
+    for phase, tokens, cached in (("prefill", f.context, 0), ("decode", 1, f.context)):
+        extra = {"phase": phase, "tokens": tokens, "cached_tokens": cached, "batch": f.batch}
+        for kind, value in (("measured", f.counted[phase]), ("analytic", f.analytic[phase])):
+            records.append(Record("fwd_gflops_per_token", f.cfg.name, value / (tokens * f.batch) / 1e9, "GFLOP",
+                                  kind=kind, method=f.mode, extra=extra))
+    return records
+
+
+# --- full: TPOT measured and predicted -----------------------------------------------------------------------------
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten operators a region runs (each a kernel launch, or a CPU kernel call, plus dispatch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+@dataclass(frozen=True)
+class TPOTPoint:
+    """One measured TPOT point and its prediction."""
+
+    cfg: ModelConfig
+    batch: int
+    context: int  # cached tokens before the first timed step
+    dtype: torch.dtype
+    device: str
+    timing: Timing  # one sample per decode step
+    prediction: Prediction  # at the mean context of the timed steps
+    routed_experts: float  # distinct routed experts per MoE layer and step, mean
+    op_calls: int  # aten operators one decode step runs
+    small_m_slowdown: float  # F.linear over the largest weight: `batch` rows' time / one row's (1.0 at batch 1)
+    conditions: dict[str, Any]
+
+    @property
+    def p90(self) -> float:
+        return statistics.quantiles(self.timing.samples, n=10, method="inclusive")[-1]
+
+    @property
+    def ratio(self) -> float:
+        """measured median / predicted."""
+        return self.timing.median / self.prediction.time_s
+
+    def missing_term(self) -> str:
+        """What the prediction leaves out when the measurement is outside PREDICTION_TOLERANCE (empty otherwise):
+        the unexplained time spread over the step's aten calls (kernel launch / dispatch, which the roofline
+        omits) and, above one row, how much slower than one row a memory-bound matmul ran (the roofline takes
+        it as the same time)."""
+        gap = self.timing.median - self.prediction.time_s
+        if self.ratio < 1 / PREDICTION_TOLERANCE:
+            return "reuse: bytes served from caches faster than the profile's memory bandwidth"
+        if self.ratio <= PREDICTION_TOLERANCE:
+            return ""
+        terms = [f"{gap * 1e3:.1f} ms over {self.op_calls} aten calls ({gap / self.op_calls * 1e6:.0f} us each: "
+                 "launch / dispatch)"]
+        if self.batch > 1:
+            terms.append(f"matmuls of {self.batch} rows {self.small_m_slowdown:.1f}x their 1-row time")
+        return "; ".join(terms)
+
+
+def _distinct_experts(model: Transformer) -> float:
+    """Distinct routed experts of the last forward, mean over the MoE layers."""
+    layers = model.moe_layers()
+    if not layers:
+        return 0.0
+    return sum(int(m.last_indices.unique().numel()) for m in layers) / len(layers)
+
+
+def _prefill(model: Transformer, cache: ModelCache, tokens: torch.Tensor) -> None:
+    for start in range(0, tokens.shape[1], PREFILL_CHUNK):
+        model.extend(tokens[:, start: start + PREFILL_CHUNK], cache)
+
+
+def measure_tpot(model: Transformer, batch: int, context: int, device: str, local: Profile,
+                 steps: int = TPOT_STEPS, seed: int = 0) -> TPOTPoint:
+    """Time `steps` greedy decode steps after `context` cached tokens (see the module docstring)."""
+    cfg, dtype = model.cfg, model.embed.weight.dtype
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, context + 1), generator=generator).to(device)
+    cache = model.new_cache(batch, context + steps + 2)
+    experts: list[float] = []
+    state = {"x": tokens[:, context:]}
+
+    def step() -> torch.Tensor:
+        state["x"] = model.extend(state["x"], cache).logits.argmax(dim=-1, keepdim=True)
+        experts.append(_distinct_experts(model))
+        return state["x"]
+
+    with torch.no_grad():
+        _prefill(model, cache, tokens[:, :context])
+        for _ in range(2):  # warm-up, then back to `context`
+            step()
+        cache.rewind(context)
+        state["x"], experts[:] = tokens[:, context:], []
+        with OpCounter() as ops:
+            step()
+        cache.rewind(context)
+        state["x"], experts[:] = tokens[:, context:], []
+        timing = time_fn(step, device=device, warmup=0, min_reps=steps, min_time_s=0.0, max_reps=steps)
+    routed = sum(experts) / len(experts)
+    prediction = _middle_prediction(cfg, batch, [context + i for i in range(steps)], dtype, routed, local)
+    slowdown = small_m_slowdown(model, batch, device)
+    return TPOTPoint(cfg, batch, context, dtype, device, timing, prediction, routed, ops.calls, slowdown,
+                     conditions(device))
+
+
+def small_m_slowdown(model: Transformer, batch: int, device: str, reps: int = 7) -> float:
+    """F.linear over the model's largest linear weight (not the head) with `batch` rows against one row, side by
+    side: 1.0 for a memory-bound matmul as the roofline models it (the weight is read once either way)."""
+    if batch == 1:
+        return 1.0
+    weight = max((m.weight for name, m in model.named_modules() if isinstance(m, nn.Linear) and name != "head"),
+                 key=lambda w: w.numel())
+    x1, xb = (torch.randn(rows, weight.shape[1], device=device, dtype=weight.dtype) for rows in (1, batch))
+    with torch.no_grad():
+        times = time_interleaved({"one": lambda: F.linear(x1, weight), "batch": lambda: F.linear(xb, weight)},
+                                 device=device, warmup=1, reps=reps)
+    return paired_ratio(times["batch"], times["one"])
+
+
+def _middle_prediction(cfg: ModelConfig, batch: int, contexts: list[int], dtype: torch.dtype, routed: float,
+                     local: Profile) -> Prediction:
+    """The prediction at the middle context of the timed steps (the roofline is linear in the context)."""
+    name = dtype_name(dtype)
+    middle = contexts[len(contexts) // 2]
+    return predict(DecodeStep(cfg, batch, middle, weights=name, dense=name, kv=name, routed_experts=routed), local)
+
+
+def tpot_records(p: TPOTPoint) -> list[Record]:
+    """tpot_ms and tokens_per_s measured on `local` and predicted by the roofline (same subject, context, batch)."""
+    shared = {"context": p.context, "batch": p.batch, "dtype": dtype_name(p.dtype), "steps": len(p.timing.samples)}
+    measured = {**shared, "p90_ms": p.p90 * 1e3, "samples_s": list(p.timing.samples), "ratio_to_prediction": p.ratio,
+                "op_calls_per_step": p.op_calls, "small_m_slowdown": p.small_m_slowdown, **p.conditions}
+    pr = p.prediction
+    predicted = {**shared, "predicted_at_context": p.context + len(p.timing.samples) // 2, "bound": pr.bound,
+                 "dominant_op": pr.dominant_op(), "memory_bound_ms": pr.memory_s * 1e3,
+                 "compute_bound_ms": pr.compute_s * 1e3, "bytes": pr.bytes, "flops": pr.flops,
+                 "routed_experts": p.routed_experts}
+    method = f"{dtype_name(p.dtype)}-greedy-decode"
+    median = p.timing.median
+    return [
+        Record("tpot_ms", p.cfg.name, median * 1e3, "ms", kind="measured", profile="local", method=method,
+               extra=measured),
+        Record("tokens_per_s", p.cfg.name, 1 / median, "1/s", kind="measured", profile="local", method=method,
+               extra={**shared, "batch_tokens_per_s": p.batch / median, **p.conditions}),
+        Record("tpot_ms", p.cfg.name, pr.time_s * 1e3, "ms", kind="analytic", profile="local", method="roofline",
+               extra=predicted),
+        Record("tokens_per_s", p.cfg.name, 1 / pr.time_s, "1/s", kind="analytic", profile="local",
+               method="roofline", extra={**shared, "batch_tokens_per_s": p.batch / pr.time_s}),
+    ]
+
+
+# --- full: cached decoding vs recomputation ------------------------------------------------------------------------
+
+
+def recompute_speedup(model: Transformer, new_tokens: int, device: str, reps: int = 3, batch: int = 1,
+                      prompt: int = RECOMPUTE_PROMPT) -> tuple[dict[str, Timing], Record]:
+    """generate(new_tokens) with the cache vs recomputing the prefix every step, side by side; the record is
+    recompute / cached (median of per-round ratios)."""
+    cfg = model.cfg
+    prompts = torch.randint(0, cfg.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(1))
+    runs = {"cached": lambda: generate(model, prompts, new_tokens),
+            "recompute": lambda: generate(model, prompts, new_tokens, use_cache=False)}
+    times = time_interleaved(runs, device=device, warmup=1, reps=reps)
+    extra = {"new_tokens": new_tokens, "prompt": prompt, "batch": batch, "dtype": dtype_name(model.embed.weight.dtype),
+             "model": cfg.name, **conditions(device)}
+    return times, speedup_record("decode_speedup", f"{cfg.name}/cached-vs-recompute", times["recompute"],
+                                 times["cached"], extra)
+
+
+# --- DeepSeek-V3 on the declared profiles ----------------------------------------------------------------------------
+
+
+def unit_records(u: UnitPrediction) -> list[Record]:
+    """tpot_ms and tokens_per_s of a decode unit (analytic, method roofline), beside the paper's EP bound."""
+    d = u.deployment
+    extra = {"context": d.context, "batch": d.batch_per_gpu, "micro_batches": d.micro_batches, "ep": d.ep,
+             "experts_per_gpu": u.experts_per_gpu, "weights": d.weights, "kv": d.kv, "link": u.link,
+             "compute_ms": d.micro_batches * u.compute.time_s * 1e3, "all_to_all_ms": u.comm_only_s * 1e3,
+             "serial_ms": u.tpot_serial_s * 1e3, "bound": u.bound, "dominant_op": u.compute.dominant_op(),
+             "memory_per_gpu_GB": u.memory_bytes / 1e9, "fits": u.fits,
+             "tokens_per_s_per_gpu": u.tokens_per_s_per_gpu}
+    ms = paper.ref("tpot_ms", u.cfg.name, u.profile.name)
+    tps = paper.ref("tokens_per_s", u.cfg.name, u.profile.name)
+    return [Record("tpot_ms", u.cfg.name, u.tpot_s * 1e3, "ms", profile=u.profile.name, paper=ms and ms.value,
+                   method="roofline", extra=extra),
+            Record("tokens_per_s", u.cfg.name, u.tokens_per_s, "1/s", profile=u.profile.name,
+                   paper=tps and tps.value, method="roofline", extra=extra)]
+
+
+DEFAULT_DEPLOYMENT = Deployment()
