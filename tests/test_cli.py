@@ -49,6 +49,18 @@ def test_report_reproduces_the_papers_tables(report_json):
                                                                                                      rel=5e-3)
 
 
+def test_report_predicts_v3_decode_per_profile_and_counts_model_flops(report_json):
+    doc, _ = report_json
+    h800 = [r for r in doc["results"] if r["metric"] == "tpot_ms" and r["method"] == "roofline"
+            and r["profile"] == "h800"]
+    assert len(h800) == 1 and h800[0]["paper"] == 14.76 and h800[0]["context"] == 4096 and h800[0]["batch"] == 32
+    assert h800[0]["value"] >= h800[0]["all_to_all_ms"]  # the prediction includes the EP all-to-all
+    counted = {(r["kind"], r["phase"]): r["value"] for r in doc["results"]
+               if r["metric"] == "fwd_gflops_per_token" and r["subject"] == "dsv3-tiny"}
+    assert counted[("measured", "decode")] == counted[("analytic", "decode")] > 0
+    assert counted[("measured", "prefill")] == counted[("analytic", "prefill")]
+
+
 def test_report_writes_markdown_and_flags_the_papers_inconsistencies(report_json):
     _, out = report_json
     md = (out / "report.md").read_text()

@@ -30,6 +30,7 @@ from hardware.timing import Timing, paired_ratio, time_fn, time_interleaved
 from harness import paper
 from harness.analytic.decode import DecodeStep, Deployment, Prediction, UnitPrediction, predict
 from harness.analytic.flops import model_fwd_flops
+from harness.analytic.params import param_counts
 from harness.bench.common import conditions, dtype_name, materialise_, speedup_record
 from harness.results import Record
 
@@ -58,11 +59,7 @@ PREDICTION_TOLERANCE = 1.5  # measured / predicted within [1/1.5, 1.5] counts as
 
 def fits_here(cfg: ModelConfig) -> bool:
     """Whether a model can be measured here: MLA + MoE, small enough to materialise in full."""
-    if cfg.attention.kind != "mla":
-        return False
-    with torch.device("meta"):
-        params = sum(p.numel() for p in Transformer(cfg).parameters())
-    return params <= MEASURED_MAX_PARAMS
+    return cfg.attention.kind == "mla" and param_counts(cfg).total <= MEASURED_MAX_PARAMS
 
 
 def bench_model(cfg: ModelConfig, dtype: torch.dtype, device: str, seed: int | None = 0, attn_mode: str = "absorbed",
@@ -180,12 +177,10 @@ class TPOTPoint:
         return "; ".join(terms)
 
 
-def _distinct_experts(model: Transformer) -> float:
-    """Distinct routed experts of the last forward, mean over the MoE layers."""
-    layers = model.moe_layers()
-    if not layers:
-        return 0.0
-    return sum(int(m.last_indices.unique().numel()) for m in layers) / len(layers)
+def _distinct_experts(routing: list[list[torch.Tensor]]) -> float:
+    """Distinct routed experts per MoE layer and step, mean over both (routing[step][layer]: indices [N, k])."""
+    counts = [int(indices.unique().numel()) for step in routing for indices in step]
+    return sum(counts) / len(counts) if counts else 0.0
 
 
 def _prefill(model: Transformer, cache: ModelCache, tokens: torch.Tensor) -> None:
@@ -200,12 +195,12 @@ def measure_tpot(model: Transformer, batch: int, context: int, device: str, loca
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, cfg.vocab_size, (batch, context + 1), generator=generator).to(device)
     cache = model.new_cache(batch, context + steps + 2)
-    experts: list[float] = []
+    routing: list[list[torch.Tensor]] = []  # each step's routing per MoE layer, counted after the timing
     state = {"x": tokens[:, context:]}
 
     def step() -> torch.Tensor:
         state["x"] = model.extend(state["x"], cache).logits.argmax(dim=-1, keepdim=True)
-        experts.append(_distinct_experts(model))
+        routing.append([m.last_indices for m in model.moe_layers()])
         return state["x"]
 
     with torch.no_grad():
@@ -213,13 +208,13 @@ def measure_tpot(model: Transformer, batch: int, context: int, device: str, loca
         for _ in range(2):  # warm-up, then back to `context`
             step()
         cache.rewind(context)
-        state["x"], experts[:] = tokens[:, context:], []
+        state["x"] = tokens[:, context:]
         with OpCounter() as ops:
             step()
         cache.rewind(context)
-        state["x"], experts[:] = tokens[:, context:], []
+        state["x"], routing[:] = tokens[:, context:], []
         timing = time_fn(step, device=device, warmup=0, min_reps=steps, min_time_s=0.0, max_reps=steps)
-    routed = sum(experts) / len(experts)
+    routed = _distinct_experts(routing)
     prediction = _middle_prediction(cfg, batch, [context + i for i in range(steps)], dtype, routed, local)
     slowdown = small_m_slowdown(model, batch, device)
     return TPOTPoint(cfg, batch, context, dtype, device, timing, prediction, routed, ops.calls, slowdown,
