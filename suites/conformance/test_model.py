@@ -335,7 +335,8 @@ def _hf_tiny(seed: int):  # noqa: ANN202
 def test_transformers_checkpoint_loads_with_its_logits_and_greedy_tokens(tmp_path, seed):
     # A random DeepseekV3ForCausalLM saved with save_pretrained (sharded, with an index) loads with strict checks.
     # Its logits (fp32) are within the flash-attention rule of our fp64 model from the same files, the plain
-    # reference being our model in fp32; greedy generation gives transformers' tokens.
+    # reference being our model in fp32; greedy generation gives transformers' tokens; saved back in the Hugging
+    # Face layout, transformers loads it to the same logits.
     hf = _hf_tiny(seed)
     hf.save_pretrained(tmp_path, max_shard_size="100KB")
     assert (tmp_path / "model.safetensors.index.json").exists()
@@ -348,6 +349,10 @@ def test_transformers_checkpoint_loads_with_its_logits_and_greedy_tokens(tmp_pat
         mine = ours(tokens)
         exact = Transformer.from_state_dict(ours.cfg, {k: v.double() for k, v in ours.state_dict().items()})(tokens)
     assert rel_err(theirs, exact) <= FA_FACTOR * rel_err(mine, exact)
+    # and the other way: our Hugging Face layout is what transformers' from_pretrained reads, unchanged
+    again = type(hf).from_pretrained(save_checkpoint(ours, tmp_path / "ours", "hf")).eval()
+    with torch.no_grad():
+        assert torch.equal(again(tokens).logits, theirs)
     prompt = tokens[:, :4]
     hf.generation_config.eos_token_id = None  # 16 tokens whatever they are (min_new_tokens would mask EOS)
     expected = hf.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0)
