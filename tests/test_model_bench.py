@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dsv3ref.config import ModelConfig
-from hardware.profile import Profile
+from hardware.profile import Profile, load_profile
 from hardware.timing import Timing
 from harness.bench import model as bench
 from harness.report_sections import ReportContext, sections
@@ -39,6 +39,10 @@ def test_tpot_point_and_its_records(one_thread):
     assert {(r.subject, r.extra["context"], r.extra["batch"]) for r in records} == {("dsv3-tiny", 8, 2)}
     assert records[2].method == "roofline" and records[0].extra["p90_ms"] >= min(point.timing.samples) * 1e3
     assert records[1].value == pytest.approx(1 / point.timing.median)
+    bf16 = dataclasses.replace(point.step, weights="bf16", dense="bf16", kv="bf16")  # as on a GPU
+    h200 = bench.profile_record(dataclasses.replace(point, step=bf16), load_profile("h200"))
+    assert (h200.profile, h200.extra["context"], h200.extra["batch"], h200.method) == ("h200", 8, 2, "roofline")
+    assert h200.value < records[2].value  # half the bytes at 4.8 TB/s instead of 10 GB/s
 
 
 def test_what_a_prediction_misses(one_thread):

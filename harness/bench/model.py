@@ -145,11 +145,12 @@ class TPOTPoint:
     dtype: torch.dtype
     device: str
     timing: Timing  # one sample per decode step
-    prediction: Prediction  # at the mean context of the timed steps
+    prediction: Prediction  # on the local profile, at the middle context of the timed steps
     routed_experts: float  # distinct routed experts per MoE layer and step, mean
     op_calls: int  # aten operators one decode step runs
     small_m_slowdown: float  # F.linear over the largest weight: `batch` rows' time / one row's (1.0 at batch 1)
     conditions: dict[str, Any]
+    step: DecodeStep  # what was predicted (the same step on another profile: `profile_record`)
 
     @property
     def p90(self) -> float:
@@ -215,10 +216,11 @@ def measure_tpot(model: Transformer, batch: int, context: int, device: str, loca
         state["x"], routing[:] = tokens[:, context:], []
         timing = time_fn(step, device=device, warmup=0, min_reps=steps, min_time_s=0.0, max_reps=steps)
     routed = _distinct_experts(routing)
-    prediction = _middle_prediction(cfg, batch, [context + i for i in range(steps)], dtype, routed, local)
+    step_shape = DecodeStep(cfg, batch, context + steps // 2, weights=dtype_name(dtype), dense=dtype_name(dtype),
+                            kv=dtype_name(dtype), routed_experts=routed)  # the middle context of the timed steps
     slowdown = small_m_slowdown(model, batch, device)
-    return TPOTPoint(cfg, batch, context, dtype, device, timing, prediction, routed, ops.calls, slowdown,
-                     conditions(device))
+    return TPOTPoint(cfg, batch, context, dtype, device, timing, predict(step_shape, local), routed, ops.calls,
+                     slowdown, conditions(device), step_shape)
 
 
 def small_m_slowdown(model: Transformer, batch: int, device: str, reps: int = 7) -> float:
@@ -235,21 +237,13 @@ def small_m_slowdown(model: Transformer, batch: int, device: str, reps: int = 7)
     return paired_ratio(times["batch"], times["one"])
 
 
-def _middle_prediction(cfg: ModelConfig, batch: int, contexts: list[int], dtype: torch.dtype, routed: float,
-                     local: Profile) -> Prediction:
-    """The prediction at the middle context of the timed steps (the roofline is linear in the context)."""
-    name = dtype_name(dtype)
-    middle = contexts[len(contexts) // 2]
-    return predict(DecodeStep(cfg, batch, middle, weights=name, dense=name, kv=name, routed_experts=routed), local)
-
-
 def tpot_records(p: TPOTPoint) -> list[Record]:
     """tpot_ms and tokens_per_s measured on `local` and predicted by the roofline (same subject, context, batch)."""
     shared = {"context": p.context, "batch": p.batch, "dtype": dtype_name(p.dtype), "steps": len(p.timing.samples)}
     measured = {**shared, "p90_ms": p.p90 * 1e3, "samples_s": list(p.timing.samples), "ratio_to_prediction": p.ratio,
                 "op_calls_per_step": p.op_calls, "small_m_slowdown": p.small_m_slowdown, **p.conditions}
     pr = p.prediction
-    predicted = {**shared, "predicted_at_context": p.context + len(p.timing.samples) // 2, "bound": pr.bound,
+    predicted = {**shared, "predicted_at_context": p.step.context, "bound": pr.bound,
                  "dominant_op": pr.dominant_op(), "memory_bound_ms": pr.memory_s * 1e3,
                  "compute_bound_ms": pr.compute_s * 1e3, "bytes": pr.bytes, "flops": pr.flops,
                  "routed_experts": p.routed_experts}
@@ -265,6 +259,14 @@ def tpot_records(p: TPOTPoint) -> list[Record]:
         Record("tokens_per_s", p.cfg.name, 1 / pr.time_s, "1/s", kind="analytic", profile="local",
                method="roofline", extra={**shared, "batch_tokens_per_s": p.batch / pr.time_s}),
     ]
+
+
+def profile_record(p: TPOTPoint, profile: Profile) -> Record:
+    """tpot_ms of the measured step predicted on a declared profile (a GPU measurement beside its datasheet)."""
+    pr = predict(p.step, profile)
+    return Record("tpot_ms", p.cfg.name, pr.time_s * 1e3, "ms", kind="analytic", profile=profile.name,
+                  method="roofline", extra={"context": p.context, "batch": p.batch, "dtype": dtype_name(p.dtype),
+                                            "bound": pr.bound, "measured_ms": p.timing.median * 1e3})
 
 
 # --- full: cached decoding vs recomputation ------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from harness.report_sections import ReportContext, Table, section
 
 V3 = "deepseek-v3-671b"
 BREAKDOWN_PROFILE = "h800"  # the operator breakdown's profile (the paper's hardware), else the first declared
+GPU_PROFILE = "h200"  # on a GPU, measured TPOT is also shown beside this profile's prediction
 
 
 def _predicted_models(ctx: ReportContext) -> list[ModelConfig]:
@@ -148,12 +149,18 @@ def run_full(ctx: ReportContext) -> list[Table]:
 
 def _tpot_table(ctx: ReportContext, points: list[bench.TPOTPoint], dtype: torch.dtype) -> Table:
     rows, records = [], []
+    # on a GPU, each point is also predicted from the H200 datasheet profile (the project's GPU machine)
+    gpu = next((p for p in ctx.profiles if p.name == GPU_PROFILE), None) if ctx.device == "cuda" else None
     for p in points:
         records += bench.tpot_records(p)
         pr = p.prediction
-        rows.append([p.cfg.name, p.batch, p.context, num(p.timing.median * 1e3, 2), num(p.p90 * 1e3, 2),
-                     num(pr.time_s * 1e3, 3), f"{p.ratio:.2f}", pr.bound, pr.dominant_op(), num(pr.bytes / 1e6, 1),
-                     num(p.routed_experts, 1), p.op_calls, p.missing_term() or "—"])
+        row = [p.cfg.name, p.batch, p.context, num(p.timing.median * 1e3, 2), num(p.p90 * 1e3, 2),
+               num(pr.time_s * 1e3, 3), f"{p.ratio:.2f}", pr.bound, pr.dominant_op(), num(pr.bytes / 1e6, 1),
+               num(p.routed_experts, 1), p.op_calls, p.missing_term() or "—"]
+        if gpu is not None:
+            records.append(bench.profile_record(p, gpu))
+            row.insert(6, num(records[-1].value, 3))
+        rows.append(row)
     load = [r.extra["loadavg_1min"] for r in records if "loadavg_1min" in r.extra]
     notes = [f"measured: {dtype_name(dtype)} on {ctx.device} ({ctx.local.description}), {torch.get_num_threads()} "
              f"threads, load average {min(load, default=0):.2f}-{max(load, default=0):.2f}; {bench.TPOT_STEPS} "
@@ -172,6 +179,10 @@ def _tpot_table(ctx: ReportContext, points: list[bench.TPOTPoint], dtype: torch.
              f"{bench.MID_CFG.moe.moe_intermediate_size}) reads ~0.7 GB, where the memory term dominates"]
     headers = ["model", "batch", "context", "TPOT ms", "p90 ms", "predicted ms", "ratio", "bound", "largest op",
                "MB/step", "experts/layer", "aten calls", "misses"]
+    if gpu is not None:
+        headers.insert(6, f"{GPU_PROFILE} profile ms")
+        notes.append(f"{GPU_PROFILE} profile ms: the same step predicted from the {GPU_PROFILE} datasheet profile "
+                     "(the probed local profile measures this GPU's copy bandwidth and matmul rate)")
     return Table(f"Decode TPOT measured vs predicted, local {ctx.device} ({dtype_name(dtype).upper()})", headers,
                  rows, records, notes)
 
