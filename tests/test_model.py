@@ -79,6 +79,8 @@ def test_extend_returns_prenorm_hidden_and_last_logits(mode, paged):
     assert torch.allclose(step.hidden, full_hidden, rtol=1e-12, atol=1e-12)  # fp64 identity
     assert torch.allclose(step.logits, model.logits(full_hidden[:, -1]), rtol=1e-12, atol=1e-12)
     assert step.logits.shape == (2, 256) and cache.lengths.tolist() == [9, 9]
+    per_token = {"absorbed": (32 + 8) * 8, "naive": 4 * (24 + 16) * 8}[mode]  # fp64 latent, or per-head K/V
+    assert cache.nbytes() == TINY.num_layers * per_token * cache.batch * (16 if not paged else 64)
 
 
 def test_a_rejected_draft_is_rewound_and_replaced():

@@ -37,13 +37,13 @@ from harness.results import Record
 TPOT_MODEL = "dsv3-small"  # the measured table's model when --model names none that fits
 TPOT_CONTEXTS = (64, 256, 896)
 TPOT_BATCHES = (1, 4)
-# A model whose decode step reads ~0.7 GB of fp32 weights per token: the memory term outweighs the per-operator
+# A model whose decode step reads ~1.4 GB of fp32 weights per token: the memory term outweighs the per-operator
 # overhead on a CPU (dsv3-small reads 11 MB, and its step is dispatch overhead), so the roofline itself is tested.
 MID_CFG = ModelConfig.preset("dsv3-small").replace(
-    name="tpot-mid", hidden_size=2048, intermediate_size=8192,
+    name="tpot-mid", hidden_size=2048, intermediate_size=16384,
     attention=AttentionConfig(kind="mla", num_heads=16, q_lora_rank=512, kv_lora_rank=256, qk_nope_head_dim=64,
                               qk_rope_head_dim=32, v_head_dim=64),
-    moe=MoEConfig(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=2048, n_shared_experts=1,
+    moe=MoEConfig(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=4096, n_shared_experts=1,
                   first_k_dense_replace=1, score_func="sigmoid", route_scale=2.5, bias=True))
 MID_CONTEXTS = (64, 256)
 TPOT_STEPS = 16

@@ -127,6 +127,7 @@ def _flops_table(ctx: ReportContext, models: list[ModelConfig]) -> Table:
 def run_full(ctx: ReportContext) -> list[Table]:
     dtype = working_dtype(ctx.local)
     chosen = [m for m in ctx.chosen if bench.fits_here(m)]
+    # the --model ones that fit, else the small preset (overhead-bound here) and tpot-mid (memory-bound)
     plan = [(m, bench.TPOT_CONTEXTS) for m in chosen] or [(ModelConfig.preset(bench.TPOT_MODEL), bench.TPOT_CONTEXTS),
                                                           (bench.MID_CFG, bench.MID_CONTEXTS)]
     points, ratios = [], []
@@ -139,7 +140,7 @@ def run_full(ctx: ReportContext) -> list[Table]:
                     continue
                 ctx.progress(f"model: {cfg.name} greedy decode, batch {batch}, context {context} ...")
                 points.append(bench.measure_tpot(model, batch, context, ctx.device, ctx.local))
-        if cfg is plan[0][0]:
+        if cfg is plan[0][0]:  # cached vs recomputed generation: the first model only (minutes otherwise)
             for n in bench.RECOMPUTE_NEW_TOKENS:
                 ctx.progress(f"model: {cfg.name} generating {n} tokens, cached vs recomputed ...")
                 ratios.append(bench.recompute_speedup(model, n, ctx.device))
@@ -176,7 +177,7 @@ def _tpot_table(ctx: ReportContext, points: list[bench.TPOTPoint], dtype: torch.
              "that many rows than with one (timed side by side; the roofline takes them as equal)",
              f"{bench.TPOT_MODEL} reads ~10 MB per step: its step is dispatch overhead on a CPU; "
              f"{bench.MID_CFG.name} (hidden {bench.MID_CFG.hidden_size}, expert width "
-             f"{bench.MID_CFG.moe.moe_intermediate_size}) reads ~0.7 GB, where the memory term dominates"]
+             f"{bench.MID_CFG.moe.moe_intermediate_size}) reads ~1.4 GB, where the memory term dominates"]
     headers = ["model", "batch", "context", "TPOT ms", "p90 ms", "predicted ms", "ratio", "bound", "largest op",
                "MB/step", "experts/layer", "aten calls", "misses"]
     if gpu is not None:

@@ -39,7 +39,7 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def models(dsv3_device):  # noqa: ANN001, ANN201
-    """The measured model per config, materialised once per module (one at a time: tpot-mid takes ~1 GB)."""
+    """The measured model per config, materialised once per module (one at a time: tpot-mid takes 2 GB in fp32)."""
     built: dict[str, torch.nn.Module] = {}
     dtype = working_dtype(probe_local())
 
