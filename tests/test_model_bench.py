@@ -39,6 +39,7 @@ def test_tpot_point_and_its_records(one_thread):
     assert {(r.subject, r.extra["context"], r.extra["batch"]) for r in records} == {("dsv3-tiny", 8, 2)}
     assert records[2].method == "roofline" and records[0].extra["p90_ms"] >= min(point.timing.samples) * 1e3
     assert records[1].value == pytest.approx(1 / point.timing.median)
+    assert len(point.per_round) == 3 and point.bandwidth_GBps > 0 and point.ratio > 0
     bf16 = dataclasses.replace(point.step, weights="bf16", dense="bf16", kv="bf16")  # as on a GPU
     h200 = bench.profile_record(dataclasses.replace(point, step=bf16), load_profile("h200"))
     assert (h200.profile, h200.extra["context"], h200.extra["batch"], h200.method) == ("h200", 8, 2, "roofline")
@@ -51,7 +52,8 @@ def test_what_a_prediction_misses(one_thread):
     predicted = point.prediction.time_s
 
     def at(seconds: float) -> bench.TPOTPoint:
-        return dataclasses.replace(point, timing=Timing((seconds,) * 3), small_m_slowdown=3.0)
+        return dataclasses.replace(point, timing=Timing((seconds,) * 3), per_round=(seconds / predicted,) * 3,
+                                   small_m_slowdown=3.0)
 
     assert at(predicted).missing_term() == ""
     slow = at(10 * predicted).missing_term()

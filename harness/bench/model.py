@@ -5,15 +5,18 @@ recomputation of the whole prefix (full); and the record builders of the DeepSee
 The measured model is built on the meta device and materialised in the machine's working dtype (pseudo-random
 weights, `harness.bench.common.materialise_`). A TPOT point: the cache is prefilled with `context` random tokens,
 two warm-up steps are run and rewound, then `TPOT_STEPS` greedy steps (one token per row, the argmax fed back)
-are timed one by one (CUDA events on a GPU); median and p90 over the steps. The prediction uses the same model,
-batch and dtype at the middle context of the timed steps, with the distinct routed experts the timed steps touched.
+are timed one by one (CUDA events on a GPU), each round also timing the local probe's memory copy, in a shuffled
+order; median and p90 over the steps. The prediction uses the same model, batch and dtype at the middle context of
+the timed steps, the distinct routed experts the timed steps touched, and the local profile with the memory
+bandwidth of the copies timed beside the steps (a shared machine's bandwidth drifts between the probe and the
+measurement); the ratio is the median over rounds of step time over the prediction at that round's bandwidth.
 """
 
 from __future__ import annotations
 
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -25,8 +28,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from dsv3ref.config import AttentionConfig, ModelConfig, MoEConfig
 from dsv3ref.generate import generate
 from dsv3ref.model import ModelCache, Transformer
+from hardware.probe import copy_case
 from hardware.profile import Profile
-from hardware.timing import Timing, paired_ratio, time_fn, time_interleaved
+from hardware.timing import Timing, paired_ratio, time_interleaved
 from harness import paper
 from harness.analytic.decode import DecodeStep, Deployment, Prediction, UnitPrediction, predict
 from harness.analytic.flops import model_fwd_flops
@@ -145,7 +149,9 @@ class TPOTPoint:
     dtype: torch.dtype
     device: str
     timing: Timing  # one sample per decode step
-    prediction: Prediction  # on the local profile, at the middle context of the timed steps
+    prediction: Prediction  # on the local profile at the side-by-side bandwidth, at the middle context
+    bandwidth_GBps: float  # the probe's copy timed in the same rounds as the steps, median
+    per_round: tuple[float, ...]  # step time / the prediction at that round's copy bandwidth
     routed_experts: float  # distinct routed experts per MoE layer and step, mean
     op_calls: int  # aten operators one decode step runs
     small_m_slowdown: float  # F.linear over the largest weight: `batch` rows' time / one row's (1.0 at batch 1)
@@ -158,8 +164,9 @@ class TPOTPoint:
 
     @property
     def ratio(self) -> float:
-        """measured median / predicted."""
-        return self.timing.median / self.prediction.time_s
+        """measured / predicted: the median over rounds of each step's time over the prediction at the bandwidth of
+        the copy timed in its round (a loaded machine slows both alike)."""
+        return statistics.median(self.per_round)
 
     def missing_term(self) -> str:
         """What the prediction leaves out when the measurement is outside PREDICTION_TOLERANCE (empty otherwise):
@@ -214,13 +221,19 @@ def measure_tpot(model: Transformer, batch: int, context: int, device: str, loca
             step()
         cache.rewind(context)
         state["x"], routing[:] = tokens[:, context:], []
-        timing = time_fn(step, device=device, warmup=0, min_reps=steps, min_time_s=0.0, max_reps=steps)
+        copy, moved, _ = copy_case(device)
+        times = time_interleaved({"step": step, "copy": copy}, device=device, warmup=0, reps=steps)
     routed = _distinct_experts(routing)
     step_shape = DecodeStep(cfg, batch, context + steps // 2, weights=dtype_name(dtype), dense=dtype_name(dtype),
                             kv=dtype_name(dtype), routed_experts=routed)  # the middle context of the timed steps
+    bandwidths = [moved / t / 1e9 for t in times["copy"].samples]
+    per_round = tuple(t / predict(step_shape, replace(local, hbm_bandwidth_GBps=bw)).time_s
+                      for t, bw in zip(times["step"].samples, bandwidths, strict=True))
+    median_bw = statistics.median(bandwidths)
+    prediction = predict(step_shape, replace(local, hbm_bandwidth_GBps=median_bw))
     slowdown = small_m_slowdown(model, batch, device)
-    return TPOTPoint(cfg, batch, context, dtype, device, timing, predict(step_shape, local), routed, ops.calls,
-                     slowdown, conditions(device), step_shape)
+    return TPOTPoint(cfg, batch, context, dtype, device, times["step"], prediction, median_bw, per_round, routed,
+                     ops.calls, slowdown, conditions(device), step_shape)
 
 
 def small_m_slowdown(model: Transformer, batch: int, device: str, reps: int = 7) -> float:
@@ -241,12 +254,13 @@ def tpot_records(p: TPOTPoint) -> list[Record]:
     """tpot_ms and tokens_per_s measured on `local` and predicted by the roofline (same subject, context, batch)."""
     shared = {"context": p.context, "batch": p.batch, "dtype": dtype_name(p.dtype), "steps": len(p.timing.samples)}
     measured = {**shared, "p90_ms": p.p90 * 1e3, "samples_s": list(p.timing.samples), "ratio_to_prediction": p.ratio,
+                "ratio_per_round": list(p.per_round), "side_by_side_bandwidth_GBps": p.bandwidth_GBps,
                 "op_calls_per_step": p.op_calls, "small_m_slowdown": p.small_m_slowdown, **p.conditions}
     pr = p.prediction
     predicted = {**shared, "predicted_at_context": p.step.context, "bound": pr.bound,
                  "dominant_op": pr.dominant_op(), "memory_bound_ms": pr.memory_s * 1e3,
                  "compute_bound_ms": pr.compute_s * 1e3, "bytes": pr.bytes, "flops": pr.flops,
-                 "routed_experts": p.routed_experts}
+                 "routed_experts": p.routed_experts, "bandwidth_GBps": p.bandwidth_GBps}
     method = f"{dtype_name(p.dtype)}-greedy-decode"
     median = p.timing.median
     return [

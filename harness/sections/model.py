@@ -13,7 +13,7 @@ from hardware.profile import Profile
 from harness.analytic.decode import deployment_step
 from harness.bench import model as bench
 from harness.bench.common import dtype_name, working_dtype
-from harness.formatting import num, ratio_cell
+from harness.formatting import num, ratio_cell, with_quartiles
 from harness.report_sections import ReportContext, Table, section
 
 V3 = "deepseek-v3-671b"
@@ -156,8 +156,9 @@ def _tpot_table(ctx: ReportContext, points: list[bench.TPOTPoint], dtype: torch.
         records += bench.tpot_records(p)
         pr = p.prediction
         row = [p.cfg.name, p.batch, p.context, num(p.timing.median * 1e3, 2), num(p.p90 * 1e3, 2),
-               num(pr.time_s * 1e3, 3), f"{p.ratio:.2f}", pr.bound, pr.dominant_op(), num(pr.bytes / 1e6, 1),
-               num(p.routed_experts, 1), p.op_calls, p.missing_term() or "—"]
+               num(pr.time_s * 1e3, 3), with_quartiles(p.ratio, p.per_round), num(p.bandwidth_GBps, 1), pr.bound,
+               pr.dominant_op(), num(pr.bytes / 1e6, 1), num(p.routed_experts, 1), p.op_calls,
+               p.missing_term() or "—"]
         if gpu is not None:
             records.append(bench.profile_record(p, gpu))
             row.insert(6, num(records[-1].value, 3))
@@ -167,10 +168,12 @@ def _tpot_table(ctx: ReportContext, points: list[bench.TPOTPoint], dtype: torch.
              f"threads, load average {min(load, default=0):.2f}-{max(load, default=0):.2f}; {bench.TPOT_STEPS} "
              "greedy steps (one token per row, argmax fed back) after the cache holds `context` tokens, each step "
              "timed alone (CUDA events on a GPU); median and p90 over the steps",
-             f"predicted: harness.analytic.decode on the local profile ({ctx.local.hbm_bandwidth_GBps:.1f} GB/s, "
-             f"{(ctx.local.fp32_dense_TFLOPS or 0) * 1e3:.1f} FP32 / {ctx.local.bf16_dense_TFLOPS * 1e3:.1f} BF16 "
-             "GFLOP/s probed), same model, batch and dtype at the middle context of the timed steps, with the "
-             "distinct routed experts the steps touched; ratio = measured / predicted",
+             f"predicted: harness.analytic.decode on the local profile ({(ctx.local.fp32_dense_TFLOPS or 0) * 1e3:.1f} "
+             f"FP32 / {ctx.local.bf16_dense_TFLOPS * 1e3:.1f} BF16 GFLOP/s probed) with the memory bandwidth of the "
+             f"probe's copy timed in the same rounds as the steps (copy GB/s, median; the probe alone measured "
+             f"{ctx.local.hbm_bandwidth_GBps:.1f}), same model, batch and dtype at the middle context of the timed "
+             "steps, with the distinct routed experts the steps touched; measured / predicted: median over rounds of "
+             "the step's time over the prediction at that round's bandwidth (inter-quartile range in brackets)",
              f"misses: where the ratio is outside [1/{bench.PREDICTION_TOLERANCE}, {bench.PREDICTION_TOLERANCE}], "
              "the unexplained time per aten call of the step (kernel launch and dispatch, which the roofline "
              "leaves out) and, above one row, how much slower a matmul over the model's largest weight ran with "
@@ -178,8 +181,8 @@ def _tpot_table(ctx: ReportContext, points: list[bench.TPOTPoint], dtype: torch.
              f"{bench.TPOT_MODEL} reads ~10 MB per step: its step is dispatch overhead on a CPU; "
              f"{bench.MID_CFG.name} (hidden {bench.MID_CFG.hidden_size}, expert width "
              f"{bench.MID_CFG.moe.moe_intermediate_size}) reads ~1.4 GB, where the memory term dominates"]
-    headers = ["model", "batch", "context", "TPOT ms", "p90 ms", "predicted ms", "ratio", "bound", "largest op",
-               "MB/step", "experts/layer", "aten calls", "misses"]
+    headers = ["model", "batch", "context", "TPOT ms", "p90 ms", "predicted ms", "measured / predicted", "copy GB/s",
+               "bound", "largest op", "MB/step", "experts/layer", "aten calls", "misses"]
     if gpu is not None:
         headers.insert(6, f"{GPU_PROFILE} profile ms")
         notes.append(f"{GPU_PROFILE} profile ms: the same step predicted from the {GPU_PROFILE} datasheet profile "
