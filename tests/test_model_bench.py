@@ -57,7 +57,7 @@ def test_what_a_prediction_misses(one_thread):
 
     assert at(predicted).missing_term() == ""
     slow = at(10 * predicted).missing_term()
-    assert f"over {point.op_calls} aten calls" in slow and "matmuls of 2 rows 3.0x their 1-row time" in slow
+    assert f"over {point.op_calls} aten calls" in slow and "in matmuls of 2 rows (3.0x their 1-row time)" in slow
     assert at(predicted / 10).missing_term().startswith("reuse")
 
 

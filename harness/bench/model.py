@@ -169,19 +169,25 @@ class TPOTPoint:
         return statistics.median(self.per_round)
 
     def missing_term(self) -> str:
-        """What the prediction leaves out when the measurement is outside PREDICTION_TOLERANCE (empty otherwise):
-        the unexplained time spread over the step's aten calls (kernel launch / dispatch, which the roofline
-        omits) and, above one row, how much slower than one row a memory-bound matmul ran (the roofline takes
-        it as the same time)."""
-        gap = self.timing.median - self.prediction.time_s
+        """What the prediction leaves out when the measurement is outside PREDICTION_TOLERANCE (empty otherwise).
+        Above one row: the matmul operators' predicted time scaled by how much slower than one row a matmul over the
+        model's largest weight ran with that many rows (the roofline takes them as equal); then the rest of the
+        gap spread over the step's aten calls (kernel launch / dispatch, which the roofline omits)."""
         if self.ratio < 1 / PREDICTION_TOLERANCE:
             return "reuse: bytes served from caches faster than the profile's memory bandwidth"
         if self.ratio <= PREDICTION_TOLERANCE:
             return ""
-        terms = [f"{gap * 1e3:.1f} ms over {self.op_calls} aten calls ({gap / self.op_calls * 1e6:.0f} us each: "
-                 "launch / dispatch)"]
+        gap, terms = self.timing.median - self.prediction.time_s, []
         if self.batch > 1:
-            terms.append(f"matmuls of {self.batch} rows {self.small_m_slowdown:.1f}x their 1-row time")
+            matmuls = sum(r.time_s for op, r in zip(self.prediction.ops, self.prediction.rooflines, strict=True)
+                          if op.flops)
+            slow = min(gap, (self.small_m_slowdown - 1) * matmuls)
+            terms.append(f"~{slow * 1e3:.1f} ms in matmuls of {self.batch} rows ({self.small_m_slowdown:.1f}x "
+                         "their 1-row time)")
+            gap -= slow
+        if gap > 0:
+            terms.append(f"{gap * 1e3:.1f} ms over {self.op_calls} aten calls ({gap / self.op_calls * 1e6:.0f} us "
+                         "each: launch / dispatch)")
         return "; ".join(terms)
 
 

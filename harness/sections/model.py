@@ -175,9 +175,10 @@ def _tpot_table(ctx: ReportContext, points: list[bench.TPOTPoint], dtype: torch.
              "steps, with the distinct routed experts the steps touched; measured / predicted: median over rounds of "
              "the step's time over the prediction at that round's bandwidth (inter-quartile range in brackets)",
              f"misses: where the ratio is outside [1/{bench.PREDICTION_TOLERANCE}, {bench.PREDICTION_TOLERANCE}], "
-             "the unexplained time per aten call of the step (kernel launch and dispatch, which the roofline "
-             "leaves out) and, above one row, how much slower a matmul over the model's largest weight ran with "
-             "that many rows than with one (timed side by side; the roofline takes them as equal)",
+             "the terms the roofline leaves out, from measurements: above one row, the matmul operators' predicted "
+             "time times how much slower than one row a matmul over the model's largest weight ran with that many "
+             "rows (timed side by side; the roofline takes them as equal); then the rest of the gap per aten call "
+             "of the step (kernel launch and dispatch, counted with a TorchDispatchMode)",
              f"{bench.TPOT_MODEL} reads ~10 MB per step: its step is dispatch overhead on a CPU; "
              f"{bench.MID_CFG.name} (hidden {bench.MID_CFG.hidden_size}, expert width "
              f"{bench.MID_CFG.moe.moe_intermediate_size}) reads ~1.4 GB, where the memory term dominates"]
