@@ -153,6 +153,31 @@ class EPImpl(Protocol):
         rows from all its destination ranks, summed."""
 
 
+@runtime_checkable
+class ModelImpl(Protocol):
+    """Component `model`: an assembled DeepSeek-V3 model with cached decoding.
+
+    `state` holds every tensor by the official checkpoint names (embed.weight; layers.{i}.attn_norm, .attn.*
+    (MLAImpl's names), .ffn_norm, .ffn.* (dense w1/w2/w3, or MoEImpl's gate/experts/shared_experts); norm.weight;
+    head.weight) in `dtype` (gate.bias fp32 values). tokens are int64 [B, S] with ids in [0, vocab).
+    """
+
+    component: str
+
+    def build(self, cfg: ModelConfig, state_dict: State, dtype: torch.dtype, device: str) -> Any:
+        """The model holding `state_dict`, computing in `dtype` on `device`."""
+
+    def new_cache(self, model: Any, batch: int, max_len: int, **options: Any) -> Any:
+        """Empty caches of every layer for `batch` rows x `max_len` tokens; options as MLAImpl.new_cache
+        (paged=True with block_size; fp8=True)."""
+
+    def forward(self, model: Any, tokens: torch.Tensor, cache: Any = None,
+                seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, S, vocab] of every position of tokens [B, S]. cache=None: one causal pass from position 0;
+        with a cache: the tokens are appended after each row's cached tokens and attend to them. seqlens [B]
+        (with a cache only): real tokens per row, the rest right padding, not cached (their logits are free)."""
+
+
 def members(protocol: type) -> tuple[str, ...]:
     """The attributes and methods a protocol requires, in declaration order."""
     names = list(getattr(protocol, "__annotations__", {}))
