@@ -21,6 +21,7 @@ kernel benchmark).
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import time
@@ -55,6 +56,7 @@ MIN_LENGTH = 4 * BLOCK  # shorter inputs run eagerly (the same code)
 _COMPILE_SECONDS: dict[str, float] = {}
 
 
+@functools.cache
 def unavailable() -> str | None:
     """Why the compiled kernels cannot be built here (no C++ compiler for inductor), or None when they can."""
     compiler = os.environ.get("CXX", "g++")
@@ -91,6 +93,13 @@ def _fake_tiles(flat: torch.Tensor) -> torch.Tensor:
     tiles = flat.float().view(-1, BLOCK)
     s = scale_from_amax(tiles.abs().amax(-1, keepdim=True))
     return (round_to_e4m3(tiles / s) * s).view(-1)
+
+
+def _fake_columns(x: torch.Tensor) -> torch.Tensor:
+    """x [T, K] (T a multiple of 128) -> x fake-quantized in tiles of 128 consecutive rows of a column [T, K] fp32."""
+    tiles = x.float().view(-1, BLOCK, x.shape[1])  # [T/128, 128, K]
+    s = scale_from_amax(tiles.abs().amax(1, keepdim=True))
+    return (round_to_e4m3(tiles / s) * s).view(x.shape)
 
 
 def _quant_tiles(flat: torch.Tensor, ue8m0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,6 +148,7 @@ def _compiled(fn: Callable) -> Callable:
 
 
 _fake_tiles_c = _compiled(_fake_tiles)
+_fake_columns_c = _compiled(_fake_columns)
 _quant_tiles_c = _compiled(_quant_tiles)
 _tile_amax_c = _compiled(_tile_amax)
 _quant_scaled_c = _compiled(_quant_scaled)
@@ -158,8 +168,10 @@ def _check_cpu(x: torch.Tensor) -> None:
 
 
 def _rows_of_tiles(x: torch.Tensor) -> torch.Tensor:
-    """x [R, K] -> [R * ceil(K/128) * 128] contiguous: its rows zero-padded to whole tiles (a view when aligned)."""
-    return F.pad(x, (0, -x.shape[-1] % BLOCK)).contiguous().view(-1)
+    """x [R, K] -> [R * ceil(K/128) * 128] contiguous: its rows zero-padded to whole tiles (a view when aligned
+    and contiguous)."""
+    pad = -x.shape[-1] % BLOCK
+    return (F.pad(x, (0, pad)) if pad else x).contiguous().view(-1)
 
 
 def fake_quant_1x128(x: torch.Tensor) -> torch.Tensor:
@@ -171,10 +183,12 @@ def fake_quant_1x128(x: torch.Tensor) -> torch.Tensor:
 
 def fake_quant_128x1(x: torch.Tensor) -> torch.Tensor:
     """x [T, K] -> x^T [K, T] fake-quantized in 1x128 tiles along T, i.e.
-    dequant_1x128(*quant_1x128_of_transpose(x)) fp32 (one transposing copy, then one pass)."""
+    dequant_1x128(*quant_1x128_of_transpose(x)) fp32, as a transposed view of a [T, K] result. T is zero-padded to
+    whole tiles, and to at least 2 of them, so that dynamo never sees a single tile (it would specialise)."""
     _check_cpu(x)
-    t, k = x.shape
-    return _fake_tiles_c(_rows_of_tiles(x.mT)).view(k, -1)[:, :t]
+    t = x.shape[0]
+    pad = max(t + -t % BLOCK, 2 * BLOCK) - t
+    return _fake_columns_c((F.pad(x, (0, 0, 0, pad)) if pad else x).contiguous())[:t].mT
 
 
 def fake_quant_128x128(w: torch.Tensor) -> torch.Tensor:

@@ -39,10 +39,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fp8.add_argument("--model", metavar="PRESET|PATH", help="model preset or JSON/TOML config (every projection "
                      "input a multiple of 128; default: the budget's)")
     fp8.add_argument("--seeds", type=positive_int, metavar="N", help="paired seeds (>= 2)")
+    fp8.add_argument("--first-seed", type=_count_or_zero, metavar="S",
+                     help="seeds S, S+1, ... (default 0; run shards of one experiment on several machines)")
     fp8.add_argument("--steps", type=positive_int, metavar="N", help="optimizer steps per run")
     fp8.add_argument("--batch-size", type=positive_int, metavar="N", help="sequences per step")
     fp8.add_argument("--seq-len", type=positive_int, metavar="N", help="bytes per sequence")
-    fp8.add_argument("--eval-batches", type=positive_int, metavar="N", help="validation batches per evaluation")
+    fp8.add_argument("--eval-batches", type=_count_or_zero, metavar="N",
+                     help="validation batches per evaluation (0: the whole validation split)")
     fp8.add_argument("--lr", type=float, metavar="X", help="peak learning rate")
     fp8.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
     fp8.add_argument("--fp8-backend", choices=("auto", "torch", "fused", "triton"),
@@ -54,10 +57,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fp8.add_argument("--out", metavar="DIR", help="write results.json (after every seed) and report.md into DIR")
 
 
+def _count_or_zero(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
 def _budget(args: argparse.Namespace) -> fp8_training.Budget:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return fp8_training.with_overrides(
-        fp8_training.BUDGETS[args.budget], model=args.model, seeds=args.seeds, steps=args.steps,
+        fp8_training.BUDGETS[args.budget], model=args.model, seeds=args.seeds, first_seed=args.first_seed,
+        steps=args.steps,
         batch_size=args.batch_size, seq_len=args.seq_len, eval_batches=args.eval_batches, lr=args.lr, device=device,
         fp8_backend=args.fp8_backend, other_ops=args.other_ops)
 

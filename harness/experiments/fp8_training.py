@@ -65,13 +65,14 @@ class Budget:
 
     model: str = "dsv3-tiny-fp8"  # the preset trained unless run_experiment is given a config
     seeds: int = 5
+    first_seed: int = 0  # seeds first_seed, first_seed + 1, ... (shards of one experiment on several machines)
     steps: int = 300
     batch_size: int = 8
     seq_len: int = 128
     lr: float = 3e-3
     min_lr_ratio: float = 0.01
     warmup_fraction: float = 0.05
-    eval_batches: int = 48
+    eval_batches: int = 24  # validation batches (evenly spaced windows); 0: the whole split, windows side by side
     device: str = "cpu"
     fp8_backend: str = "auto"  # fused on the CPU when a C++ compiler is there, else torch; triton on CUDA
     other_ops: str = "auto"  # bf16 on CUDA (as DeepSeek-V3), fp32 on the CPU (no native BF16 matmuls)
@@ -80,9 +81,14 @@ class Budget:
     def __post_init__(self) -> None:
         if self.seeds < 2:
             raise ExperimentError(f"seeds: expected >= 2 (a confidence interval needs two), got {self.seeds}")
-        for name in ("steps", "batch_size", "seq_len", "eval_batches", "overhead_reps"):
+        for name in ("steps", "batch_size", "seq_len", "overhead_reps"):
             if getattr(self, name) < 1:
                 raise ExperimentError(f"{name}: expected >= 1, got {getattr(self, name)!r}")
+        if self.eval_batches < 0:
+            raise ExperimentError(f"eval_batches: expected >= 0 (0: the whole validation split), got "
+                                  f"{self.eval_batches!r}")
+        if self.first_seed < 0:
+            raise ExperimentError(f"first_seed: expected >= 0, got {self.first_seed!r}")
         if self.steps < 5:
             raise ExperimentError(f"steps: expected >= 5 (the last 20% must hold a step), got {self.steps}")
         if self.device not in ("cpu", "cuda"):
@@ -106,14 +112,19 @@ class Budget:
             return self.other_ops
         return "bf16" if self.device == "cuda" else "fp32"
 
-    def train_config(self, precision: str, data_seed: int, name: str, mid_eval: bool = False) -> TrainConfig:
+    def eval_count(self, corpus: Corpus) -> int:
+        """Validation batches per evaluation: `eval_batches`, or for 0 as many as tile the validation split."""
+        return self.eval_batches or max(1, (corpus.val.numel() - 1) // (self.batch_size * self.seq_len))
+
+    def train_config(self, precision: str, data_seed: int, name: str, eval_batches: int,
+                     mid_eval: bool = False) -> TrainConfig:
         """The trainer's settings of one run named `name`; with `mid_eval` it also evaluates after 80% of the
         steps (the BF16 reference run, for last20_change)."""
         mid = round(self.steps * (1 - LAST_FRACTION))
         return TrainConfig(steps=self.steps, batch_size=self.batch_size, seq_len=self.seq_len, lr=self.lr,
                            min_lr_ratio=self.min_lr_ratio, warmup_steps=round(self.steps * self.warmup_fraction),
                            data_seed=data_seed, precision=precision, other_ops=self.other(),
-                           fp8_backend=self.backend(), eval_batches=self.eval_batches,
+                           fp8_backend=self.backend(), eval_batches=eval_batches,
                            eval_at=(mid,) if mid_eval else (), name=name)
 
     @property
@@ -125,8 +136,9 @@ class Budget:
 BUDGETS = {
     # dsv3 report --full: ~8 min on 2 idle cores (see docs/fp8-training.md for the timing it was sized from)
     "report": Budget(),
-    # dsv3 experiment fp8-training: the FP8-aligned dsv3-small, longer; hours on 2 CPU cores, minutes on a GPU
-    "long": Budget(model="dsv3-small-fp8", seeds=8, steps=1500, batch_size=16, eval_batches=128),
+    # dsv3 experiment fp8-training: 8 seeds, 4x the tokens per step, 1.2M tokens per run, the whole validation split;
+    # ~2.5 CPU-hours (docs/fp8-training.md); scale it with --model dsv3-small-fp8 --steps ... --device cuda
+    "long": Budget(seeds=8, steps=300, batch_size=32, eval_batches=0),
 }
 
 
@@ -226,8 +238,8 @@ def run_seed(budget: Budget, cfg: ModelConfig, seed: int, corpus: Corpus,
     for name, (precision, data_seed) in runs.items():
         run_name = f"seed {seed} {name}"
         try:
-            result = train(copy.deepcopy(init), corpus, budget.train_config(precision, data_seed, run_name,
-                                                                            mid_eval=name == "bf16"),
+            cfg_run = budget.train_config(precision, data_seed, run_name, budget.eval_count(corpus), name == "bf16")
+            result = train(copy.deepcopy(init), corpus, cfg_run,
                            progress=_every_tenth(progress, f"{label}{run_name}", budget.steps))
         except NonFiniteLoss as e:
             raise ExperimentError(str(e)) from None
@@ -241,7 +253,7 @@ def step_overhead(budget: Budget, cfg: ModelConfig, corpus: Corpus) -> Record:
     """fp8_step_overhead: an FP8 training step's time over a BF16 step's (same init and data), timed side by side
     after two warm-up steps each (the warm-up builds the compiled kernels; their build time is kept apart)."""
     init = _model(cfg, 0, budget.device)
-    trainers = {p: Trainer(copy.deepcopy(init), corpus, budget.train_config(p, 0, f"overhead {p}"))
+    trainers = {p: Trainer(copy.deepcopy(init), corpus, budget.train_config(p, 0, f"overhead {p}", 1))
                 for p in ("fp8", "bf16-linear")}
     timings = time_interleaved({p: t.step for p, t in trainers.items()}, device=budget.device, warmup=2,
                                reps=budget.overhead_reps)
@@ -268,7 +280,7 @@ def run_experiment(budget: Budget, cfg: ModelConfig | None = None, corpus: Corpu
     for i in range(budget.seeds):
         label = f"fp8 training [{i + 1}/{budget.seeds}] "
         try:
-            result.seeds.append(run_seed(budget, cfg, i, corpus, progress, label))
+            result.seeds.append(run_seed(budget, cfg, budget.first_seed + i, corpus, progress, label))
         except ExperimentError as e:
             result.stopped = f"{e}; {len(result.seeds)} of {budget.seeds} seeds completed"
             break
@@ -289,7 +301,7 @@ def gap_records(result: Fp8TrainingResult) -> list[Record]:
     common = {"seeds": [s.seed for s in seeds], "steps": budget.steps, "tokens": budget.tokens,
               "model": result.config.name, "batch_size": budget.batch_size, "seq_len": budget.seq_len,
               "lr": budget.lr, "min_lr_ratio": budget.min_lr_ratio,
-              "eval_tokens": budget.eval_batches * budget.batch_size * budget.seq_len,
+              "eval_tokens": len(seeds[0].batches["bf16"]) * budget.batch_size * budget.seq_len,
               "val_loss_bf16": [s.loss["bf16"] for s in seeds],
               "last20_change": statistics.mean(s.last20_change * 100 for s in seeds),
               "last20_change_per_seed": [s.last20_change * 100 for s in seeds],
