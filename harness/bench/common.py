@@ -59,6 +59,12 @@ class FlopCount(TorchDispatchMode):
         super().__init__()
         self.total = 0
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # TorchDispatchMode's hook: True wraps __torch_dispatch__ in a dynamo-disable that imports torch._dynamo on
+        # the first counted op (2.5 s here). The mode never runs under torch.compile, so there is nothing to skip.
+        return False
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 (torch's signature)
         kwargs = kwargs or {}
         if func is not torch.ops.prim.device.default:  # as FlopCounterMode: count what an op decomposes into
