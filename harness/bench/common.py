@@ -17,6 +17,9 @@ from harness.results import Record
 
 _POOL = 1 << 22  # random block tiled over every weight
 SPEEDUP_METHOD = "median of per-round time ratios, interleaved"
+# Rounds of a side-by-side measurement that `dsv3 gate` can judge: Mann-Whitney U needs 6 or more samples a side to
+# reach p < 0.002 at all (harness.gate.stats.min_p_value); 10 detects a 25% change in 5%-noisy samples every time.
+GATED_ROUNDS = 10
 
 
 def pseudo_random_(t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
