@@ -73,23 +73,30 @@ class SeedResult:
         return abs(self.bf16_other_order - self.bf16) / self.bf16
 
 
-def run_seed(cfg: ModelConfig, seed: int, train_cfg: TrainConfig, corpus: Corpus) -> SeedResult:
-    """The three runs of one seed from one initialisation."""
+RUNS_PER_SEED = 3
+
+
+def run_seed(cfg: ModelConfig, seed: int, train_cfg: TrainConfig, corpus: Corpus,
+             on_step: Callable[[int, int], None] | None = None) -> SeedResult:
+    """The three runs of one seed from one initialisation; `on_step(run, step)` after every training step."""
     torch.manual_seed(seed)
     init = Transformer(cfg, attn_mode="naive", moe_backend="loop")
     runs = {"bf16": ("bf16-linear", seed), "fp8": ("fp8", seed),
             "bf16_other_order": ("bf16-linear", seed + OTHER_ORDER)}
     losses, seconds = {}, 0.0
-    for name, (precision, data_seed) in runs.items():
+    for i, (name, (precision, data_seed)) in enumerate(runs.items()):
+        step_done = None if on_step is None else lambda step, _loss, run=i: on_step(run, step)
         result = train(copy.deepcopy(init), corpus,
-                       dataclasses.replace(train_cfg, precision=precision, data_seed=data_seed))
+                       dataclasses.replace(train_cfg, precision=precision, data_seed=data_seed), progress=step_done)
         losses[name], seconds = result.final_val_loss, seconds + result.seconds
     return SeedResult(seed, losses["bf16"], losses["fp8"], losses["bf16_other_order"], seconds)
 
 
 def fp8_vs_bf16(mode: str | None = None, cfg: ModelConfig | None = None, corpus: Corpus | None = None,
-                progress: Callable[[str], None] | None = None) -> list[SeedResult]:
-    """Run the experiment in `mode` ('report' or 'thorough'; default from DSV3_FP8_THOROUGH)."""
+                progress: Callable[[str], None] | None = None,
+                fraction: Callable[[float], None] | None = None) -> list[SeedResult]:
+    """Run the experiment in `mode` ('report' or 'thorough'; default from DSV3_FP8_THOROUGH); `progress` gets a
+    message per seed, `fraction` the share of all training steps done after each step."""
     mode = mode or experiment_mode()
     if mode not in BUDGETS:
         raise ConfigError(f"mode: expected one of {', '.join(BUDGETS)}, got {mode!r}")
@@ -97,11 +104,17 @@ def fp8_vs_bf16(mode: str | None = None, cfg: ModelConfig | None = None, corpus:
     cfg = cfg or experiment_config()
     corpus = corpus or stdlib_corpus()
     train_cfg = TrainConfig(steps=steps, batch_size=8, seq_len=128, warmup_steps=steps // 10, eval_batches=16)
-    results = []
+    results: list[SeedResult] = []
+    runs = RUNS_PER_SEED * len(seeds)
+
+    def on_step(run: int, step: int) -> None:
+        fraction((RUNS_PER_SEED * len(results) + run + (step + 1) / steps) / runs)
+
     for seed in seeds:
         if progress is not None:
-            progress(f"fp8 vs bf16: seed {seed} ({len(results) + 1}/{len(seeds)}, 3 runs of {steps} steps)")
-        results.append(run_seed(cfg, seed, train_cfg, corpus))
+            progress(f"fp8 vs bf16: seed {seed} ({len(results) + 1}/{len(seeds)}, {RUNS_PER_SEED} runs of {steps} "
+                     "steps)")
+        results.append(run_seed(cfg, seed, train_cfg, corpus, on_step if fraction is not None else None))
     return results
 
 

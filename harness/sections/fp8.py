@@ -95,7 +95,7 @@ def kernel_table(ctx: ReportContext) -> Table:
 
 def training_table(ctx: ReportContext) -> Table:
     mode, cfg = fp8_training.experiment_mode(), fp8_training.experiment_config()
-    results = fp8_training.fp8_vs_bf16(mode, cfg, progress=ctx.progress)
+    results = fp8_training.fp8_vs_bf16(mode, cfg, progress=ctx.progress, fraction=ctx.fraction)
     records = fp8_training.gap_records(results, mode, cfg)
     rows = [[r.seed, f"{r.bf16:.4f}", f"{r.fp8:.4f}", f"{r.bf16_other_order:.4f}", f"{r.fp8_gap:.3%}",
              f"{r.noise_gap:.3%}"] for r in results]

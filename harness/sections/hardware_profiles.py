@@ -10,6 +10,7 @@ _COLUMNS = (("bf16_dense_TFLOPS", "BF16 TFLOP/s", 1), ("fp8_dense_TFLOPS", "FP8 
             ("hbm_capacity_GB", "mem GB", 0), ("hbm_bandwidth_GBps", "mem GB/s", 0),
             ("scaleup_GBps_per_gpu", "scale-up GB/s/dir", 0), ("scaleout_GBps_per_gpu", "scale-out GB/s/dir", 0))
 _UNITS = {"bf16_dense_TFLOPS": "TFLOP/s", "fp32_dense_TFLOPS": "TFLOP/s", "hbm_bandwidth_GBps": "GB/s"}
+_DECLARED = {**_UNITS, "fp8_dense_TFLOPS": "TFLOP/s"}  # recorded for declared profiles (the roofline figure)
 
 
 @section("hardware", "Hardware profiles", order=0)
@@ -20,6 +21,9 @@ def run(ctx: ReportContext) -> list[Table]:
         rows.append([p.name, p.kind, *cells, p.scaleup_domain_gpus, p.gpus_per_node])
     records = [Record(metric=f, subject="local", profile="local", kind="measured", value=ctx.local.get(f),
                       unit=u, method=ctx.local.sources[f]) for f, u in _UNITS.items()]
+    records += [Record(metric=f, subject=p.name, profile=p.name, value=p.get(f), unit=u, method="declared",
+                       extra={"source": p.sources.get(f, "")})
+                for p in ctx.profiles if p is not ctx.local for f, u in _DECLARED.items() if p.get(f) is not None]
     notes = [f"local: {ctx.local.description}; memory bandwidth, BF16 and FP32 matmul measured now "
              f"(FP32 {num(ctx.local.fp32_dense_TFLOPS, 3)} TFLOP/s)",
              "declared profiles: dense compute, bandwidth per GPU per direction; `dsv3 profiles NAME` "
