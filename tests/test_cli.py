@@ -11,7 +11,7 @@ import pytest
 
 from hardware.profile import load_profile, profile_names
 from harness.analytic import ep_link
-from harness.cli import main
+from harness.cli import main, subcommands
 from harness.commands.report import DEFAULT_MODELS
 from harness.report import render
 from harness.report_sections import Table
@@ -262,3 +262,10 @@ def test_profiles_show_rounds_probed_floats(capsys, tmp_path):
     out = capsys.readouterr().out
     assert " 0.01793  " in out and "0.0179277557783743" not in out
     assert " 1,979  " in out and " 3,350  " in out and " 80  " in out
+
+
+def test_help_of_every_command(capsys):
+    for name in subcommands():
+        with pytest.raises(SystemExit) as exit_:
+            main([name, "--help"])
+        assert exit_.value.code == 0 and f"dsv3 {name}" in capsys.readouterr().out

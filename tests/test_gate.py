@@ -250,3 +250,4 @@ def test_other_bad_input(base, tmp_path, capsys):
     readme.write_text("# not a baseline\n")
     _bad(capsys, "--baseline", readme, "--results", base, "--update")
     assert readme.read_text() == "# not a baseline\n"
+

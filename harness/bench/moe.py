@@ -280,9 +280,10 @@ def speed_records(bench: SpeedBench, tokens: int, timings: dict[str, Timing]) ->
         per_round = [flops / matmul_flops * r for r in round_ratios(timings[PEAK], t)]  # (F / t) / (F_mm / t_mm)
         records.append(Record("achieved_compute_fraction", subject, statistics.median(per_round), "ratio",
                               kind="measured", profile="local",
-                              method=f"analytic FLOPs / time over a {what}'s FLOPs / time, median over "
+                              method="analytic FLOPs / time over the probe matmul's FLOPs / time, median over "
                                      "interleaved rounds",
-                              extra={**extra, "matmul_TFLOPS": matmul_flops / timings[PEAK].median / 1e12,
+                              extra={**extra, "matmul": what,
+                                     "matmul_TFLOPS": matmul_flops / timings[PEAK].median / 1e12,
                                      "per_round": per_round, "samples_s": list(t.samples),
                                      "matmul_samples_s": list(timings[PEAK].samples),
                                      **(point if subject == "grouped" else {})}))

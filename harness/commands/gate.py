@@ -51,10 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "another machine or thread count")
     parser.add_argument("--metric", action="append", default=[], metavar="NAME",
                         help="compare only this metric (repeatable)")
-    parser.add_argument("--alpha", type=_fraction, default=stats.ALPHA,
+    parser.add_argument("--alpha", type=_fraction, default=stats.ALPHA, metavar="P",
                         help=f"significance level of the Mann-Whitney U test (default {stats.ALPHA})")
-    parser.add_argument("--min-effect", type=_fraction, default=stats.MIN_EFFECT,
-                        help=f"smallest change of the medians that counts (default {stats.MIN_EFFECT:.0%})")
+    parser.add_argument("--min-effect", type=_fraction, default=stats.MIN_EFFECT, metavar="F",
+                        help=f"smallest relative change of the medians that counts (default {stats.MIN_EFFECT})")
     parser.add_argument("--all", action="store_true", help="list every record, not only those that moved")
     parser.add_argument("--format", choices=FORMATS, default="text")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no messages on stderr")

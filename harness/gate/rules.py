@@ -65,9 +65,9 @@ RULES: dict[str, Rule] = {
                                    why="a routing score tie broken the other way moves one token; 1% of the "
                                        "maximum load allows a few such flips"),
     "fp8_rel_loss_gap": Rule("tolerance", "lower", abs_tol=0.05, machine_dependent=True,
-                             why="training at fixed seeds repeats bit for bit on one machine and thread count, "
-                                 "but not across CPUs; 0.05 percentage points is a tenth of the paper's 0.25% "
-                                 "bound"),
+                             why="training at fixed seeds repeats on one machine and thread count (the trainer "
+                                 "is deterministic there), not across CPUs; 0.05 percentage points is a fifth of "
+                                 "the paper's 0.25% bound"),
     "mtp_acceptance_rate": Rule("tolerance", "higher", abs_tol=0.01, machine_dependent=True,
                                 why="greedy decoding at a fixed seed; 1 point allows a few argmax ties flipped"),
     "tpot_ms": _timing("lower"),

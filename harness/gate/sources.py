@@ -106,5 +106,5 @@ def merged_text(sources: list[Source]) -> str:
     if len(sources) == 1:
         return json.dumps(sources[0].doc, indent=2) + "\n"
     env = next((s.doc.get("env", {}) for s in sources if s.format == "dsv3-results"), {"machine": sources[0].machine})
-    env = {**env, "merged_from": [str(s.path) for s in sources]}
+    env = {**env, "merged_from": [s.path.name for s in sources]}
     return json.dumps(document([r for s in sources for r in s.records], env), indent=2) + "\n"

@@ -20,7 +20,7 @@ def run(ctx: ReportContext) -> list[Table]:
         cells = [num(p.get(field), digits) if p.get(field) is not None else "—" for field, _, digits in _COLUMNS]
         rows.append([p.name, p.kind, *cells, p.scaleup_domain_gpus, p.gpus_per_node])
     records = [Record(metric=f, subject="local", profile="local", kind="measured", value=ctx.local.get(f),
-                      unit=u, method=ctx.local.sources[f]) for f, u in _UNITS.items()]
+                      unit=u, method="probe", extra={"source": ctx.local.sources[f]}) for f, u in _UNITS.items()]
     records += [Record(metric=f, subject=p.name, profile=p.name, value=p.get(f), unit=u, method="declared",
                        extra={"source": p.sources.get(f, "")})
                 for p in ctx.profiles if p is not ctx.local for f, u in _DECLARED.items() if p.get(f) is not None]
