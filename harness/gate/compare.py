@@ -230,6 +230,10 @@ def gate(baseline: Source, results: list[Source], opts: Options, quiet: bool = T
     _check_machine_rule(baseline, rows, opts)
     notes = [f"baseline: {baseline.path} ({baseline.format}), machine {baseline.describe_machine()}",
              f"results: {', '.join(str(s.path) for s in results)}, machine {results[0].describe_machine()}"]
+    missing, new_ = sum(r.verdict == "missing" for r in rows), sum(r.verdict == "new" for r in rows)
+    if missing:
+        notes.append(f"{missing} baseline records have no counterpart in the results ({new_} new ones): a suite "
+                     "not run, or a changed parameter of the key (dtype, context, ...); --all lists them")
     skipped = sum(r.verdict == "skipped" and r.note == "another machine" for r in rows)
     if skipped:
         notes.append(f"{skipped} machine-dependent records not compared: the baseline comes from another machine "
