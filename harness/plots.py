@@ -30,6 +30,8 @@ Drawn = tuple[MplFigure | None, str]
 _SIZE = (7.5, 4.8)  # inches; 150 dpi gives 1125 x 720 pixels
 _DPI = 150
 _DTYPE_FIELDS = {"bf16": "bf16_dense_TFLOPS", "fp32": "fp32_dense_TFLOPS", "fp8": "fp8_dense_TFLOPS"}
+_POINT_FAMILIES = {"achieved_bandwidth_fraction": "MLA decode step", "achieved_compute_fraction": "MoE layer forward",
+                   "tpot_ms": "decode step"}  # legend names of the roofline points by metric
 
 
 def _figure(width: float = _SIZE[0]) -> tuple[MplFigure, object]:
@@ -103,10 +105,10 @@ def _points(records: list[Record]) -> list[tuple[Record, float, float]]:
 
 
 def _point_label(r: Record) -> str:
-    family = "MLA decode step" if r.metric == "achieved_bandwidth_fraction" else "MoE layer forward" \
-        if r.metric == "achieved_compute_fraction" else r.metric
+    """The legend entry of a point's family: what was timed, on which model, in which dtype."""
+    family = _POINT_FAMILIES.get(r.metric, r.metric)
     model = r.extra.get("model") or r.extra.get("config") or r.subject
-    return f"{family} ({model}, {r.extra.get('roofline', {}).get('dtype', '?')}, measured)"
+    return f"{family} ({model}, {r.extra['roofline'].get('dtype', '?')}, measured)"
 
 
 def _point_tag(r: Record) -> str:
