@@ -40,31 +40,37 @@ def test_notify_is_silenced_by_quiet(capsys):
     assert capsys.readouterr().err == "wrote results.json\n"
 
 
+_TINY = dict(seeds=2, steps=5, batch_size=2, seq_len=16, eval_batches=1, overhead_reps=2)
+
+
 def test_each_training_run_of_a_seed_reports_its_steps():
+    from dsv3ref.config import ModelConfig
     from dsv3ref.corpus import stdlib_corpus
-    from dsv3ref.train import TrainConfig
     from harness.experiments import fp8_training
 
-    steps = []
-    tiny = TrainConfig(steps=2, batch_size=2, seq_len=32, eval_batches=1)
-    fp8_training.run_seed(fp8_training.experiment_config(), 0, tiny, stdlib_corpus(),
-                          on_step=lambda run, step: steps.append((run, step)))
-    assert steps == [(run, step) for run in range(fp8_training.RUNS_PER_SEED) for step in range(2)]
+    done = []
+    fp8_training.run_seed(fp8_training.Budget(**_TINY), ModelConfig.preset("dsv3-tiny-fp8"), 0, stdlib_corpus(),
+                          fraction=done.append)
+    runs = len(fp8_training.RUNS)
+    assert done == [pytest.approx((run + (step + 1) / 5) / runs) for run in range(runs) for step in range(5)]
 
 
 def test_the_fp8_experiment_reports_its_share_of_all_training_steps(monkeypatch):
+    from dsv3ref.config import ModelConfig
     from harness.experiments import fp8_training
 
-    def fake_run_seed(cfg, seed, train_cfg, corpus, on_step=None):  # the step callbacks of three runs, no training
-        for run in range(fp8_training.RUNS_PER_SEED):
-            for step in range(train_cfg.steps):
-                on_step(run, step)
-        return fp8_training.SeedResult(seed, 1.0, 1.0, 1.0, 0.0)
+    def fake_run_seed(budget, cfg, seed, corpus, progress, label, fraction):  # the step callbacks, no training
+        runs = len(fp8_training.RUNS)
+        for run in range(runs):
+            for step in range(budget.steps):
+                fraction((run + (step + 1) / budget.steps) / runs)
+        return fp8_training.SeedResult(seed, {}, {}, 0.0, {})
 
-    monkeypatch.setitem(fp8_training.BUDGETS, "report", (2, (0, 1)))  # 2 steps, 2 seeds
     monkeypatch.setattr(fp8_training, "run_seed", fake_run_seed)
+    monkeypatch.setattr(fp8_training, "step_overhead", lambda budget, cfg, corpus: None)
     messages, done = [], []
-    fp8_training.fp8_vs_bf16("report", fp8_training.experiment_config(), corpus=object(),
-                             progress=messages.append, fraction=done.append)
-    assert len(messages) == 2
-    assert done == [pytest.approx(k / 12) for k in range(1, 13)]  # 2 seeds x 3 runs x 2 steps, in order
+    fp8_training.run_experiment(fp8_training.Budget(**_TINY), ModelConfig.preset("dsv3-tiny-fp8"), corpus=object(),
+                                progress=messages.append, fraction=done.append)
+    assert len(messages) == 1  # the step-time comparison; the seeds' messages come from run_seed
+    # the step-time comparison's 2 x (2 warm-up + 2 timed) steps, then 2 seeds x 3 runs x 5 steps, in order
+    assert done == [pytest.approx(k / 38) for k in range(8, 39)]

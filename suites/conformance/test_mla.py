@@ -4,10 +4,11 @@ The ground truth is MLA written out per head in float64 from the weights alone: 
 RoPE(k_pe)] and V = W_UV c, complex-pair RoPE, a causal softmax. Every implementation is checked against it, and
 against itself (decode == full pass, chunked prefill, batched rows == separate rows, paged == contiguous).
 
-Tolerances (DESIGN.md numerics policy): float64 identities to 1e-10 relative (norm of the difference over the norm
-of the truth); working dtypes by the flash-attention rule: the implementation's error against the fp64 truth is at
-most FA_FACTOR times the error of a plain low-precision reference (the truth's own formula run in that dtype);
-the FP8 latent cache by the same rule against the fp64 formula with a per-token e4m3 latent.
+Tolerances (the numerics policy, docs/contributing.md): float64 identities to 1e-10 relative (norm of the
+difference over the norm of the truth); working dtypes by the flash-attention rule: the implementation's error
+against the fp64 truth is at most FA_FACTOR times the error of a plain low-precision reference (the truth's own
+formula run in that dtype); the FP8 latent cache by the same rule against the fp64 formula with a per-token e4m3
+latent.
 """
 
 from __future__ import annotations

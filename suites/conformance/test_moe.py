@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+from dsv3ref.comms.dispatch import dispatch_layout
 from dsv3ref.config import ModelConfig, MoEConfig
-from dsv3ref.dispatch import dispatch_layout
 from harness.numerics import F64_IDENTITY_RTOL, max_rel_err
 from harness.pytest_plugin import skip_if_not_applicable
 from harness.registry import not_applicable
