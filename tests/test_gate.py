@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ import pytest
 from harness.cli import main
 from harness.gate import stats
 from harness.gate.compare import Options, gate, record_key
-from harness.gate.rules import ANALYTIC, KEY_EXTRAS, UNKNOWN, UNKNOWN_TIMING, rule_for
+from harness.gate.rules import ANALYTIC, KEY_EXTRAS, UNKNOWN, UNKNOWN_TIMING, has_rule, rule_for
 from harness.gate.sources import BENCHMARK_METRIC, read_source
 from harness.results import Record, document
 
@@ -168,6 +170,29 @@ def test_rules_analytic_exact_known_measured_by_table_unknown_by_samples():
     assert rule_for(local, False).check == "info"
 
 
+ROOT = Path(__file__).resolve().parent.parent
+RECORDED = re.compile(r"(?:Record|speedup_record)\(\s*\"([A-Za-z0-9_]+)\"")  # a record builder's literal metric id
+
+
+def test_every_metric_the_project_records_has_a_rule():
+    """Every metric id a record builder names (harness/, suites/) and every one in the committed baseline is
+    decided by the rule table: a component that adds a metric adds its row."""
+    sources = [p for d in ("harness", "suites") for p in (ROOT / d).rglob("*.py")]
+    named = {m for p in sources for m in RECORDED.findall(p.read_text())}
+    baseline = {r["metric"] for r in json.loads((ROOT / "ci" / "perf-baseline.json").read_text())["results"]}
+    assert {"ep_throughput_GBps_per_rank", "fp8_step_overhead", "decode_speedup", "tpot_ms"} <= named | baseline
+    assert sorted(m for m in named | baseline if not has_rule(m)) == []
+
+
+def test_a_measured_metric_without_a_rule_is_compared_and_named(tmp_path):
+    rng = np.random.default_rng(3)
+    base = Record("new_metric", "m", 1.0, "x", kind="measured", extra={"per_round": _times(rng, SAMPLES)})
+    moved = Record("new_metric", "m", 1.0, "x", kind="measured", extra={"per_round": _times(rng, SAMPLES, 0.7)})
+    outcome = gate(*_sources(tmp_path, [base], [moved]), Options())
+    assert outcome.rows[0].verdict == "changed" and outcome.failed  # no direction known: a move either way fails
+    assert any("no rule for the measured metric(s) new_metric" in n for n in outcome.notes)
+
+
 def _sources(tmp_path, base_records, new_records, base_machine=MACHINE, new_machine=MACHINE):
     return (read_source(_write(tmp_path / "b.json", base_records, base_machine)),
             [read_source(_write(tmp_path / "n.json", new_records, new_machine))])
@@ -195,6 +220,8 @@ def test_update_records_the_results_atomically(base, tmp_path, capsys):
     target = tmp_path / "ci" / "baseline.json"
     assert _gate(capsys, "--baseline", target, "--results", base, "--update")[0] == 0
     assert json.loads(target.read_text()) == json.loads(base.read_text())
+    records = len(json.loads(base.read_text())["results"])
+    assert sum(line.startswith('    {"metric"') for line in target.read_text().splitlines()) == records  # one a line
     assert sorted(os.listdir(target.parent)) == ["baseline.json"]  # no temp file left
     assert _gate(capsys, "--baseline", target, "--results", base)[0] == 0
 

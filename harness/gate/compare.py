@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from harness.gate import stats
-from harness.gate.rules import KEY_EXTRAS, Rule, rule_for
+from harness.gate.rules import KEY_EXTRAS, Rule, has_rule, rule_for
 from harness.gate.sources import Source, finite_list
 from harness.progress import Progress
 from harness.results import Record, ResultsError
@@ -234,6 +234,11 @@ def gate(baseline: Source, results: list[Source], opts: Options, quiet: bool = T
     if missing:
         notes.append(f"{missing} baseline records have no counterpart in the results ({new_} new ones): a suite "
                      "not run, or a changed parameter of the key (dtype, context, ...); --all lists them")
+    unknown = sorted({k[0] for k in keys if k[3] == "measured" and not has_rule(k[0])})
+    if unknown:
+        notes.append(f"no rule for the measured metric(s) {', '.join(unknown)}: compared by their raw samples (a "
+                     "change either way beyond the minimum effect fails), shown only without samples; add a row to "
+                     "harness/gate/rules.py")
     skipped = sum(r.verdict == "skipped" and r.note == "another machine" for r in rows)
     if skipped:
         notes.append(f"{skipped} machine-dependent records not compared: the baseline comes from another machine "

@@ -100,11 +100,22 @@ def read_source(path: str | Path) -> Source:
     raise ResultsError(f"{path}: expected a results document ({SCHEMA!r}) or pytest-benchmark JSON, got neither")
 
 
+def baseline_text(doc: dict[str, Any]) -> str:
+    """A results document as a baseline file: its env indented, then one record per line, so that a re-recorded
+    baseline diffs record by record and the file stays small (no line per sample)."""
+    head = json.dumps({k: v for k, v in doc.items() if k != "results"}, indent=2)[:-2]  # without "\n}"
+    records = ",\n".join("    " + json.dumps(r) for r in doc["results"])
+    return f'{head},\n  "results": [\n{records}\n  ]\n}}\n'
+
+
 def merged_text(sources: list[Source]) -> str:
-    """What --update records: the one document as read, or the records of several (from one machine) in one
-    results document whose env is the first dsv3 document's (or names the machine alone)."""
-    if len(sources) == 1:
+    """What --update records: the one document as read (pytest-benchmark JSON as it was), or the records of several
+    (from one machine) in one results document whose env is the first dsv3 document's (or names the machine
+    alone)."""
+    if len(sources) == 1 and sources[0].format != "dsv3-results":
         return json.dumps(sources[0].doc, indent=2) + "\n"
+    if len(sources) == 1:
+        return baseline_text(sources[0].doc)
     env = next((s.doc.get("env", {}) for s in sources if s.format == "dsv3-results"), {"machine": sources[0].machine})
     env = {**env, "merged_from": [s.path.name for s in sources]}
-    return json.dumps(document([r for s in sources for r in s.records], env), indent=2) + "\n"
+    return baseline_text(document([r for s in sources for r in s.records], env))
