@@ -6,8 +6,9 @@ draw) and a caption that says what is drawn and what is absent. Records they rea
 - roofline: the profiles' `hbm_bandwidth_GBps` and `*_dense_TFLOPS` (declared ones analytic, `local` measured) and
   every measured record with an extra `roofline = {"flops", "bytes", "seconds", "dtype"}` as a point.
 - TPOT: `tpot_ms` analytic with extra `link_GBps` (the sweep) as lines, per-profile records as markers with the
-  paper's values, measured `tpot_ms` with `link_GBps` or `bandwidth_GBps` as points.
-- training loss: `train_loss` records (measured; subject the precision, extra `seed`, `curve_steps`,
+  paper's values, measured `tpot_ms` with `link_GBps` as points (a measured decode step's `tpot_ms` carries a
+  memory bandwidth, not a link's, and is a roofline point instead).
+- training loss: `train_loss` records (measured; subject the run, extra `seed`, `curve_steps`,
   `curve_loss`), else the final validation losses per seed of `fp8_rel_loss_gap` (`val_loss_bf16`, `val_loss_fp8`).
 """
 
@@ -190,10 +191,9 @@ def tpot_bandwidth(records: list[Record]) -> Drawn:
     if paper:
         ax.scatter([r.extra["bandwidth_GBps"] for r in paper], [r.paper for r in paper], marker="x", s=50,
                    color="black", zorder=3, label="paper (Insights §2.3.2)")
-    measured = [r for r in records if r.metric == "tpot_ms" and r.kind == "measured"
-                and ("link_GBps" in r.extra or "bandwidth_GBps" in r.extra)]
+    measured = [r for r in records if r.metric == "tpot_ms" and r.kind == "measured" and "link_GBps" in r.extra]
     if measured:
-        ax.scatter([r.extra.get("link_GBps", r.extra.get("bandwidth_GBps")) for r in measured],
+        ax.scatter([r.extra["link_GBps"] for r in measured],
                    [r.value for r in measured], marker="D", s=30, zorder=3, label="measured")
     ax.set_xscale("log")
     ax.set_yscale("log")
