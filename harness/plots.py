@@ -162,12 +162,18 @@ def _grouped(items: Iterable, key: Callable) -> dict:
     return out
 
 
+def _ep_bound(r: Record) -> bool:
+    """A per-profile EP-communication bound: tpot_ms naming its link and that link's bandwidth (a decode step's
+    roofline prediction carries a memory bandwidth and no link)."""
+    return r.metric == "tpot_ms" and r.kind == "analytic" and "link" in r.extra and "bandwidth_GBps" in r.extra
+
+
 def _profile_links(records: list[Record]) -> dict[float, str]:
     """{link GB/s: 'scale-out: h100, h800'} of the per-profile TPOT records."""
     links: dict[float, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
     for r in records:
-        if r.metric == "tpot_ms" and r.kind == "analytic" and r.profile and "bandwidth_GBps" in r.extra:
-            links[r.extra["bandwidth_GBps"]][r.extra.get("link", "link")].add(r.profile)
+        if _ep_bound(r) and r.profile:
+            links[r.extra["bandwidth_GBps"]][r.extra["link"]].add(r.profile)
     return {bw: "; ".join(f"{link}: {', '.join(sorted(names))}" for link, names in sorted(kinds.items()))
             for bw, kinds in sorted(links.items())}
 
@@ -187,7 +193,7 @@ def tpot_bandwidth(records: list[Record]) -> Drawn:
         ax.axvline(bw, color="grey", ls=":", lw=1)
         ax.annotate(label, (bw, 1), xycoords=("data", "axes fraction"), rotation=90, fontsize=7, va="top",
                     ha="right", xytext=(-2, -4), textcoords="offset points", color="dimgrey")
-    paper = [r for r in records if r.metric == "tpot_ms" and r.paper is not None and "bandwidth_GBps" in r.extra]
+    paper = [r for r in records if _ep_bound(r) and r.paper is not None]
     if paper:
         ax.scatter([r.extra["bandwidth_GBps"] for r in paper], [r.paper for r in paper], marker="x", s=50,
                    color="black", zorder=3, label="paper (Insights §2.3.2)")

@@ -62,6 +62,13 @@ def test_final_losses_are_drawn_when_the_records_have_no_curves(tmp_path):
     assert fig is not None and "Per-step loss curves are absent" in caption
 
 
+def test_only_ep_bounds_mark_links_on_the_bandwidth_figure():
+    """A decode step's roofline prediction carries the memory bandwidth it used, not a link: no link line."""
+    prediction = Record("tpot_ms", "dsv3-tiny", 0.5, "ms", profile="local", method="roofline",
+                        extra={"context": 64, "batch": 1, "bandwidth_GBps": 9.8})
+    assert plots._profile_links([*_records(False), prediction]) == {50: "scale-out: h800"}
+
+
 def test_no_records_no_figures(tmp_path):
     figures = plots.write_figures([], tmp_path)
     assert all(f.file is None and f.caption.startswith("not drawn") for f in figures)
