@@ -43,11 +43,18 @@ def test_notify_is_silenced_by_quiet(capsys):
 _TINY = dict(seeds=2, steps=5, batch_size=2, seq_len=16, eval_batches=1, overhead_reps=2)
 
 
-def test_each_training_run_of_a_seed_reports_its_steps():
+def test_each_training_run_of_a_seed_reports_its_steps(monkeypatch):
     from dsv3ref.config import ModelConfig
     from dsv3ref.corpus import stdlib_corpus
+    from dsv3ref.train import TrainResult
     from harness.experiments import fp8_training
 
+    def fake_train(model, corpus, cfg, progress=None):  # train's step callbacks, no training
+        for step in range(cfg.steps):
+            progress(step, 1.0)
+        return TrainResult([1.0] * cfg.steps, [(cfg.steps // 2, 1.0), (cfg.steps, 1.0)], [1.0])
+
+    monkeypatch.setattr(fp8_training, "train", fake_train)
     done = []
     fp8_training.run_seed(fp8_training.Budget(**_TINY), ModelConfig.preset("dsv3-tiny-fp8"), 0, stdlib_corpus(),
                           fraction=done.append)
