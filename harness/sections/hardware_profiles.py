@@ -11,6 +11,7 @@ _COLUMNS = (("bf16_dense_TFLOPS", "BF16 TFLOP/s"), ("fp8_dense_TFLOPS", "FP8 TFL
             ("hbm_bandwidth_GBps", "mem GB/s"), ("scaleup_GBps_per_gpu", "scale-up GB/s/dir"),
             ("scaleout_GBps_per_gpu", "scale-out GB/s/dir"))
 _UNITS = {"bf16_dense_TFLOPS": "TFLOP/s", "fp32_dense_TFLOPS": "TFLOP/s", "hbm_bandwidth_GBps": "GB/s"}
+_DECLARED = {**_UNITS, "fp8_dense_TFLOPS": "TFLOP/s"}  # recorded for declared profiles (the roofline figure)
 
 
 @section("hardware", "Hardware profiles", order=0)
@@ -20,7 +21,10 @@ def run(ctx: ReportContext) -> list[Table]:
         cells = [significant(p.get(field)) for field, _ in _COLUMNS]
         rows.append([p.name, p.kind, *cells, p.scaleup_domain_gpus, p.gpus_per_node])
     records = [Record(metric=f, subject="local", profile="local", kind="measured", value=ctx.local.get(f),
-                      unit=u, method=ctx.local.sources[f]) for f, u in _UNITS.items()]
+                      unit=u, method="probe", extra={"source": ctx.local.sources[f]}) for f, u in _UNITS.items()]
+    records += [Record(metric=f, subject=p.name, profile=p.name, value=p.get(f), unit=u, method="declared",
+                       extra={"source": p.sources.get(f, "")})
+                for p in ctx.profiles if p is not ctx.local for f, u in _DECLARED.items() if p.get(f) is not None]
     notes = [f"local: {ctx.local.description}; memory bandwidth, BF16 and FP32 matmul measured now "
              f"(FP32 {significant(ctx.local.fp32_dense_TFLOPS)} TFLOP/s)",
              "declared profiles: dense compute, bandwidth per GPU per direction; `dsv3 profiles NAME` "
