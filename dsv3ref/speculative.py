@@ -174,7 +174,8 @@ class _Decoder:
         tokens = torch.cat([torch.tensor([s[-1] for s in st.seqs], device=self.device)[:, None], drafts], dim=1)
         seqlens = torch.zeros(b_all, dtype=torch.long, device=self.device)
         seqlens[active] = n_valid[active].to(self.device) + 1
-        step = self.model.extend(tokens, self.cache, seqlens, all_logits=True)
+        full = len(active) == b_all and bool((seqlens == tokens.shape[1]).all())
+        step = self.model.extend(tokens, self.cache, None if full else seqlens, all_logits=True)
         return step.logits, step.hidden
 
     def roll_back(self, st: _Rows, before: list[int], hidden: torch.Tensor, accepted: torch.Tensor,
