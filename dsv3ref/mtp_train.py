@@ -47,6 +47,17 @@ class History:
     val: list[tuple[int, float]] = field(default_factory=list)
     seconds: float = 0.0
 
+    def windows(self, count: int) -> list[tuple[int, int, float, float, list[float]]]:
+        """The loss curve in `count` windows of steps: (first step, last step, mean total, mean main, mean L_k per
+        depth), steps 1-based."""
+        n = len(self.total)
+        edges = sorted({round(i * n / count) for i in range(count + 1)})
+        out = []
+        for lo, hi in zip(edges, edges[1:], strict=False):
+            depths = [sum(d[k] for d in self.depths[lo:hi]) / (hi - lo) for k in range(len(self.depths[0]))]
+            out.append((lo + 1, hi, sum(self.total[lo:hi]) / (hi - lo), sum(self.main[lo:hi]) / (hi - lo), depths))
+        return out
+
 
 @dataclass(frozen=True)
 class MTPTrainResult:
@@ -81,9 +92,11 @@ def build(cfg: ModelConfig, init_seed: int, device: str = "cpu") -> MTPModel:
     return MTPModel(model, MTP(cfg)).to(device)
 
 
-def _settings(cfg: ModelConfig, tcfg: TrainConfig, lam: float, init_seed: int) -> dict:
-    return {"model": cfg.to_dict(), "train": json.loads(json.dumps(dataclasses.asdict(tcfg))), "mtp_lambda": lam,
-            "init_seed": init_seed}
+def run_settings(cfg: ModelConfig, tcfg: TrainConfig, lam: float, init_seed: int) -> dict:
+    """What defines a run (and must match on resume): the model, the training settings but the run's name, λ, the
+    initial-weights seed; JSON values."""
+    train = {k: v for k, v in dataclasses.asdict(tcfg).items() if k != "name"}
+    return {"model": cfg.to_dict(), "train": json.loads(json.dumps(train)), "mtp_lambda": lam, "init_seed": init_seed}
 
 
 def checkpoints(out: Path) -> dict[int, Path]:
@@ -134,7 +147,7 @@ def train_mtp(cfg: ModelConfig, corpus: Corpus, tcfg: TrainConfig, out: str | Pa
     loss = _Loss(lam)
     net = build(cfg, init_seed, device)
     trainer = Trainer(net, corpus, tcfg, loss)
-    settings = _settings(cfg, tcfg, lam, init_seed)
+    settings = run_settings(cfg, tcfg, lam, init_seed)
     history, written = History(), {}
     if out is not None:
         out = Path(out)
