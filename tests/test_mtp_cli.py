@@ -53,5 +53,8 @@ def test_bench_trains_once_and_measures(monkeypatch, tmp_path):
     assert r.metric == "mtp_acceptance_rate" and r.value == a.gen.accepted / a.gen.drafted
     assert r.extra["steps_trained"] == 2 and r.extra["batch"] == 2 and r.extra["sampling"] == "greedy"
     assert r.paper == 0.85
+    assert r.extra["mean_accepted_length"] == 1 + a.gen.accepted / (a.gen.row_forwards - 2)
+    greedy, sampled = bench.text_acceptance(model, mtp, windows=2, length=16)
+    assert 0 <= greedy <= 1 and 0 < sampled <= 1
     _, gen, s = bench.speedup(model, mtp, 2, "cpu", reps=1, new_tokens=4)
     assert s.metric == "mtp_speedup" and s.kind == "measured" and s.paper == 1.8 and s.extra["new_tokens"] == 4

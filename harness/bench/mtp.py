@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from dsv3ref.checkpoint import load_checkpoint
 from dsv3ref.config import ModelConfig
 from dsv3ref.corpus import fixed_batches, stdlib_corpus
@@ -103,8 +105,9 @@ class Acceptance:
 
     @property
     def mean_accepted_length(self) -> float:
-        """Tokens emitted per verify step (accepted drafts + the bonus or corrected token)."""
-        return 1 + self.gen.accepted / self.gen.steps if self.gen.steps else float("nan")
+        """Tokens emitted per verify step of a row (accepted drafts + the bonus or corrected token)."""
+        row_steps = self.gen.row_forwards - len(self.gen.tokens)  # the forwards after each row's prefill
+        return 1 + self.gen.accepted / row_steps if row_steps else float("nan")
 
 
 def acceptance(model: Transformer, mtp: MTP, steps_trained: int, sampling: Sampling,
@@ -112,6 +115,22 @@ def acceptance(model: Transformer, mtp: MTP, steps_trained: int, sampling: Sampl
     """Speculative decoding (one draft per step) of NEW_TOKENS from each validation prompt."""
     gen = speculative_generate(model, mtp, rows or prompts(), NEW_TOKENS, sampling=sampling)
     return Acceptance(model.cfg, steps_trained, sampling, gen, NEW_TOKENS)
+
+
+@torch.no_grad()
+def text_acceptance(model: Transformer, mtp: MTP, windows: int = PROMPTS, length: int = 128) -> tuple[float, float]:
+    """The first module's acceptance on validation text rather than on the model's own output: at every position
+    of fixed validation windows, whether its draft of the token after next equals the main model's greedy choice
+    one position later (greedy), and the rejection rule's acceptance probability Σ_v min(p, q) at temperature 1
+    (sampled); means over positions."""
+    (x, _), = fixed_batches(stdlib_corpus().val, windows, length, 1)
+    x = x.to(model.embed.weight.device)
+    h0 = model.hidden(x)
+    p = model.logits(h0[:, 1:])  # position i + 1: the main model's next token, t_{i+2}
+    q = mtp.logits(model, 0, mtp.hidden_states(model, h0, x)[0])  # position i: the draft of t_{i+2}
+    greedy = (p.argmax(-1) == q.argmax(-1)).double().mean()
+    sampled = torch.minimum(p.double().softmax(-1), q.double().softmax(-1)).sum(-1).mean()
+    return float(greedy), float(sampled)
 
 
 def acceptance_record(a: Acceptance, device: str) -> Record:

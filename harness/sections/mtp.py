@@ -30,14 +30,15 @@ def run(ctx: ReportContext) -> list[Table]:
                      f"{bench.run_dir(cfg)}) ...")
         out, history = bench.trained(cfg, ctx.device)
         ctx.progress(f"mtp: {cfg.name} acceptance at steps {', '.join(map(str, bench.ACCEPT_STEPS))} ...")
-        curve = []
+        curve, text = [], []
         for step in bench.ACCEPT_STEPS:
             model, mtp = bench.load_step(out, step, ctx.device)
             curve.append([bench.acceptance(model, mtp, step, s) for s in (Sampling(), SAMPLED)])
+            text.append(bench.text_acceptance(model, mtp))
         ctx.progress(f"mtp: {cfg.name} generation with and without speculation, side by side ...")
         _, _, speed = bench.speedup(model, mtp, bench.PLAN.steps, ctx.device)
         tables += [_summary_table(ctx, cfg, curve[-1], speed, model),
-                   _steps_table(ctx, cfg, curve, history)]
+                   _steps_table(ctx, cfg, curve, text, history)]
     return tables
 
 
@@ -76,23 +77,27 @@ def _summary_table(ctx: ReportContext, cfg: ModelConfig, last: list[bench.Accept
 
 
 def _steps_table(ctx: ReportContext, cfg: ModelConfig, curve: list[list[bench.Acceptance]],
-                 history: History) -> Table:
+                 text: list[tuple[float, float]], history: History) -> Table:
     val = dict(history.val)
     rows, records = [], []
-    for greedy, sampled in curve:
+    for (greedy, sampled), (text_greedy, text_sampled) in zip(curve, text, strict=True):
         step = greedy.steps_trained
         lo = max(0, step - LOSS_WINDOW)
         main = sum(history.main[lo:step]) / (step - lo)
         mtp1 = sum(d[0] for d in history.depths[lo:step]) / (step - lo)
         rows.append([step, num(main, 3), num(mtp1, 3), num(val[step], 3) if step in val else "—",
                      f"{greedy.gen.acceptance_rate:.1%}", f"{sampled.gen.acceptance_rate:.1%}",
-                     num(greedy.mean_accepted_length, 2)])
+                     num(greedy.mean_accepted_length, 2), f"{text_greedy:.1%}", f"{text_sampled:.1%}"])
         if step != curve[-1][0].steps_trained:  # the last step's records are the summary table's
             records += [bench.acceptance_record(a, ctx.device) for a in (greedy, sampled)]
     notes = [f"training loss: mean over the {LOSS_WINDOW} steps up to that step (main next-token loss, and the MTP "
              "module's L_1 normalised by T as in the paper); val loss: the total (main + 0.3 L_1) on fixed windows "
              "of the validation split",
-             "acceptance measured from the checkpoint written at that step (same prompts, greedy and temperature 1)"]
+             "acceptance measured from the checkpoint written at that step (same prompts, greedy and temperature 1): "
+             "on the model's own output, which an under-trained byte model fills with repeats (easy to draft)",
+             f"on validation text: at every position of {bench.PROMPTS} validation windows of 128 bytes, whether the "
+             "MTP draft of the token after next equals the main model's greedy choice one position later (greedy), "
+             "and the rejection rule's acceptance probability sum_v min(p, q) at temperature 1 (sampled)"]
     headers = ["steps", "main loss", "MTP loss L_1", "val loss", "acceptance greedy", "acceptance sampled",
-               "accepted length"]
+               "accepted length", "on text greedy", "on text sampled"]
     return Table(f"MTP acceptance against training steps ({cfg.name})", headers, rows, records, notes)
