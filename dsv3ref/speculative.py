@@ -132,8 +132,10 @@ class _Decoder:
         """Module k (0-based) over [B, m] positions after its cached ones -> its hidden states [B, m, D]."""
         cache = self.mtp_caches[k]
         start = cache.lengths.clone()
-        pos: int | torch.Tensor = int(start[0]) if bool((start == start[0]).all()) else start
-        return self.mtp.layers[k](h_prev, self.model.embed(emb_tokens), pos, cache.layers[0], seqlens)
+        uniform = bool((start == start[0]).all()) and bool((seqlens == h_prev.shape[1]).all())
+        pos: int | torch.Tensor = int(start[0]) if uniform else start
+        return self.mtp.layers[k](h_prev, self.model.embed(emb_tokens), pos, cache.layers[0],
+                                  None if uniform else seqlens)
 
     def draft(self, st: _Rows, active: list[int], sampling: Sampling,
               generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
