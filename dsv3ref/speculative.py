@@ -26,7 +26,6 @@ from dataclasses import dataclass
 import torch
 
 from dsv3ref.generate import (
-    GenerateError,
     Sampling,
     _check_args,
     check_prompts,
@@ -252,5 +251,3 @@ def _emit(st: _Rows, b: int, tokens: list[int], max_seq_len: int, max_new_tokens
         if st.stop[b] is not None:
             return
 
-
-__all__ = ["GenerateError", "SpeculativeGeneration", "check_draft_len", "speculative_generate", "verify_drafts"]

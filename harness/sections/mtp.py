@@ -28,7 +28,7 @@ def run(ctx: ReportContext) -> list[Table]:
     for cfg in ctx.measured_models(bench.fits_here, ModelConfig.preset(bench.MODEL)):
         ctx.progress(f"mtp: training {cfg.name} with the MTP loss ({bench.PLAN.steps} steps; cached in "
                      f"{bench.run_dir(cfg)}) ...")
-        out, history = bench.trained(cfg, ctx.device)
+        out, history = bench.trained(cfg, ctx.device, lambda step, h: _every(ctx, step, h))
         ctx.progress(f"mtp: {cfg.name} acceptance at steps {', '.join(map(str, bench.ACCEPT_STEPS))} ...")
         curve, text = [], []
         for step in bench.ACCEPT_STEPS:
@@ -40,6 +40,12 @@ def run(ctx: ReportContext) -> list[Table]:
         tables += [_summary_table(ctx, cfg, curve[-1], speed, model),
                    _steps_table(ctx, cfg, curve, text, history)]
     return tables
+
+
+def _every(ctx: ReportContext, step: int, h: History) -> None:
+    """Training progress in the report's log, at every checkpoint."""
+    if step % bench.CHECKPOINT_EVERY == 0:
+        ctx.progress(f"mtp: step {step}/{bench.PLAN.steps}, loss {h.total[-1]:.3f} (main {h.main[-1]:.3f})")
 
 
 def _summary_table(ctx: ReportContext, cfg: ModelConfig, last: list[bench.Acceptance], speed: Record,
