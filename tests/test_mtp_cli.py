@@ -58,3 +58,25 @@ def test_bench_trains_once_and_measures(monkeypatch, tmp_path):
     assert 0 <= greedy <= 1 and 0 < sampled <= 1
     _, gen, s = bench.speedup(model, mtp, 2, "cpu", reps=1, new_tokens=4)
     assert s.metric == "mtp_speedup" and s.kind == "measured" and s.paper == 1.8 and s.extra["new_tokens"] == 4
+
+
+def test_report_section_tables_and_records(monkeypatch, tmp_path):
+    """The `mtp` section of `dsv3 report --full` on a 2-step run: both tables, the records the issue names."""
+    from hardware.profile import load_profile
+    from harness.report_sections import ReportContext
+    from harness.sections import mtp as section
+
+    monkeypatch.setenv("DSV3_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(bench, "PLAN", TrainConfig(steps=2, batch_size=2, seq_len=16, warmup_steps=1,
+                                                   precision="fp32"))
+    for name, value in (("CHECKPOINT_EVERY", 1), ("ACCEPT_STEPS", (1, 2)), ("NEW_TOKENS", 4), ("PROMPTS", 2),
+                        ("SPEED_NEW_TOKENS", 4)):
+        monkeypatch.setattr(bench, name, value)
+    local = load_profile("h800")  # stands in for the probed local profile (minutes to probe); only named here
+    ctx = ReportContext(models=(), profiles=(local,), local=local, device="cpu", full=True, progress=lambda m: None)
+    summary, steps = section.run(ctx)
+    metrics = [(r.metric, r.subject) for r in summary.records]
+    assert metrics == [("mtp_acceptance_rate", "dsv3-tiny@2")] * 2 + [("mtp_speedup", "dsv3-tiny@2")]
+    assert [r.extra["sampling"] for r in summary.records[:2]] == ["greedy", "temperature 1.0"]
+    assert [row[0] for row in steps.rows] == [1, 2] and len(steps.records) == 2
+    assert "1.80x" in summary.rows[-1]

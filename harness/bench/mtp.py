@@ -61,15 +61,18 @@ def cache_root() -> Path:
     return Path(base) / "mtp"
 
 
-def run_dir(cfg: ModelConfig, tcfg: TrainConfig = PLAN, lam: float = LAMBDA, seed: int = 0) -> Path:
-    """The cached run's folder: keyed by everything that defines it (model, training settings, λ, seed)."""
-    key = json.dumps(run_settings(cfg, tcfg, lam, seed), sort_keys=True)
+def run_dir(cfg: ModelConfig, tcfg: TrainConfig | None = None, lam: float = LAMBDA, seed: int = 0) -> Path:
+    """The cached run's folder: keyed by everything that defines it (model, training settings (default PLAN), λ,
+    seed)."""
+    key = json.dumps(run_settings(cfg, tcfg or PLAN, lam, seed), sort_keys=True)
     return cache_root() / f"{cfg.name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
 def trained(cfg: ModelConfig, device: str, progress: Callable[[int, History], None] | None = None,
-            tcfg: TrainConfig = PLAN) -> tuple[Path, History]:
-    """The run's folder with every checkpoint, training (or resuming) only what the cache lacks; the history."""
+            tcfg: TrainConfig | None = None) -> tuple[Path, History]:
+    """The run's folder with every checkpoint, training (or resuming) only what the cache lacks; the history.
+    tcfg: default PLAN."""
+    tcfg = tcfg or PLAN
     out = run_dir(cfg, tcfg)
     done = checkpoints(out)
     if tcfg.steps not in done:
@@ -87,9 +90,10 @@ def load_step(out: Path, step: int, device: str) -> tuple[Transformer, MTP]:
     return ck.model, MTP.from_state_dict(ck.model, ck.mtp)
 
 
-def prompts(count: int = PROMPTS, length: int = PROMPT_LEN) -> list[list[int]]:
-    """Evenly spaced windows of the validation split (files the model did not train on)."""
-    (x, _), = fixed_batches(stdlib_corpus().val, count, length, 1)
+def prompts(count: int | None = None) -> list[list[int]]:
+    """`count` (default PROMPTS) evenly spaced windows of PROMPT_LEN bytes of the validation split (files the model
+    did not train on)."""
+    (x, _), = fixed_batches(stdlib_corpus().val, count or PROMPTS, PROMPT_LEN, 1)
     return x.tolist()
 
 
@@ -118,7 +122,7 @@ def acceptance(model: Transformer, mtp: MTP, steps_trained: int, sampling: Sampl
 
 
 @torch.no_grad()
-def text_acceptance(model: Transformer, mtp: MTP, windows: int = PROMPTS, length: int = 128) -> tuple[float, float]:
+def text_acceptance(model: Transformer, mtp: MTP, windows: int = 8, length: int = 128) -> tuple[float, float]:
     """The first module's acceptance on validation text rather than on the model's own output: at every position
     of fixed validation windows, whether its draft of the token after next equals the main model's greedy choice
     one position later (greedy), and the rejection rule's acceptance probability Σ_v min(p, q) at temperature 1
@@ -148,8 +152,10 @@ def acceptance_record(a: Acceptance, device: str) -> Record:
 
 
 def speedup(model: Transformer, mtp: MTP, steps_trained: int, device: str, reps: int = 5,
-            new_tokens: int = SPEED_NEW_TOKENS) -> tuple[dict[str, Timing], SpeculativeGeneration, Record]:
-    """Greedy generation of one validation prompt, plain vs speculative, timed side by side (batch 1)."""
+            new_tokens: int | None = None) -> tuple[dict[str, Timing], SpeculativeGeneration, Record]:
+    """Greedy generation (new_tokens, default SPEED_NEW_TOKENS) of one validation prompt, plain vs speculative,
+    timed side by side (batch 1)."""
+    new_tokens = new_tokens or SPEED_NEW_TOKENS
     prompt = prompts(1)
     runs = {"plain": lambda: generate(model, prompt, new_tokens),
             "speculative": lambda: speculative_generate(model, mtp, prompt, new_tokens)}

@@ -104,7 +104,7 @@ def _steps_table(ctx: ReportContext, cfg: ModelConfig, curve: list[list[bench.Ac
              "of the validation split",
              "acceptance measured from the checkpoint written at that step (same prompts, greedy and temperature 1): "
              "on the model's own output, which an under-trained byte model fills with repeats (easy to draft)",
-             f"on validation text: at every position of {bench.PROMPTS} validation windows of 128 bytes, whether the "
+             "on validation text: at every position of 8 validation windows of 128 bytes, whether the "
              "MTP draft of the token after next equals the main model's greedy choice one position later (greedy), "
              "and the rejection rule's acceptance probability sum_v min(p, q) at temperature 1 (sampled)"]
     headers = ["steps", "main loss", "MTP loss L_1", "val loss", "acceptance greedy", "acceptance sampled",
