@@ -63,8 +63,9 @@ def test_bench_trains_once_and_measures(monkeypatch, tmp_path):
 def test_report_section_tables_and_records(monkeypatch, tmp_path):
     """The `mtp` section of `dsv3 report --full` on a 2-step run: both tables, the records the issue names."""
     from hardware.profile import load_profile
-    from harness.report_sections import ReportContext
-    from harness.sections import mtp as section
+    from harness.report_sections import ReportContext, sections
+
+    (section,) = [s for s in sections(full=True) if s.name == "mtp"]
 
     monkeypatch.setenv("DSV3_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(bench, "PLAN", TrainConfig(steps=2, batch_size=2, seq_len=16, warmup_steps=1,
