@@ -20,7 +20,7 @@ def test_kv(impl, dsv3_results):
     assert value == 70272
 
 @pytest.mark.gpu
-def test_needs_gpu():
+def test_needs_gpu(impl):
     pass
 """
 
