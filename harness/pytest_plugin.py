@@ -329,7 +329,7 @@ def failure_details(exc: BaseException) -> dict[str, str]:
     for line in lines[1:]:
         if line.startswith("assert "):
             break
-        details.append(line)
+        details.append(line.strip())
     notes = [str(n) for n in getattr(exc, "__notes__", ())]
 
     def note(*starts: str) -> str:

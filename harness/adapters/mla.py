@@ -136,7 +136,8 @@ class TransformersMLA:
     component = "mla"
     cache_mode = "absorbed"  # transformers 5.x caches kv_a_layernorm(c) and the roped k_pe, not per-head K/V
     not_applicable = {
-        "fp64_exact": "cos/sin are computed in float32 (position_ids.float() * inv_freq) and only then cast",
+        "fp64_exact": "its RMSNorm and RoPE tables compute in float32 (hidden_states.to(float32); "
+                      "position_ids.float() * inv_freq) and only then cast",
         "varlen": "a DynamicCache keeps one length for the whole batch",
         "paged_cache": "DynamicCache is contiguous",
         "fp8_cache": "DynamicCache stores the activation dtype",
@@ -159,7 +160,7 @@ class TransformersMLA:
     def new_cache(self, layer: HFLayer, batch: int, max_len: int, **options: Any) -> Any:
         from transformers import DynamicCache
 
-        unsupported = sorted(k for k, v in options.items() if v)
+        unsupported = [k for k in ("paged", "fp8") if options.get(k)]
         if unsupported:
             raise ValueError(f"{', '.join(unsupported)}: not supported by transformers' DynamicCache")
         return DynamicCache()

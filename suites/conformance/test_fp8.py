@@ -225,11 +225,20 @@ def test_all_zero_tile(impl, dsv3_device):
 
 
 # --- dequantization and the error bound -------------------------------------------------------------------------
+def assert_e4m3_round_trip(deq32: torch.Tensor, x: torch.Tensor, s_full: torch.Tensor) -> None:
+    """e4m3's bound |deq - x| <= max(2^-4 |x|, 2^-10 s) (3 mantissa bits; subnormal spacing 2^-9 s), up to the fp32
+    roundings of x / s and q * s (2^-23 relative, allowed for); s_full is each element's scale."""
+    d, xd = deq32.cpu().double(), x.double()
+    bound = torch.maximum(2**-4 * xd.abs(), 2**-10 * s_full.double()) * (1 + 2**-20)
+    over = ((d - xd).abs() > bound).nonzero()
+    assert over.numel() == 0, (f"element {over[0].tolist()}: {xd[tuple(over[0])].item():.9g} came back as "
+                               f"{d[tuple(over[0])].item():.9g}, beyond e4m3's rounding bound")
+
+
 @given(st.data(), st.sampled_from(["fp32", "bf16"]))
 def test_dequant_1x128_bitwise_and_error_bound(impl, dsv3_device, data, out):
-    # dequant = fp32 product q * s, then the output dtype (round to nearest even). The round trip obeys
-    # e4m3's bound |deq - x| <= max(2^-4 |x|, 2^-10 s) (3 mantissa bits; subnormal spacing 2^-9 s), up to the
-    # fp32 roundings of x / s and q * s (2^-23 relative, allowed for below).
+    # dequant = fp32 product q * s, then the output dtype (round to nearest even); the round trip within e4m3's
+    # rounding bound.
     spec = data.draw(activations(_aligned(impl)), label="x")
     note_case(f"x = {spec!r}.build()", "q, s = impl.quant_1x128(x)",
               f"deq = impl.dequant_1x128(q, s, {TORCH_NAMES[out]})")
@@ -238,12 +247,7 @@ def test_dequant_1x128_bitwise_and_error_bound(impl, dsv3_device, data, out):
     deq = impl.dequant_1x128(q, s, DTYPES[out])
     s_full = s.cpu().repeat_interleave(128, dim=-1)[..., :x.shape[-1]]
     assert_bitwise(deq, (q.cpu().float() * s_full).to(DTYPES[out]), "dequantized (fp32 q * s, then the dtype)")
-    d32 = impl.dequant_1x128(q, s, torch.float32).cpu().double()
-    xd = x.double()
-    bound = torch.maximum(2**-4 * xd.abs(), 2**-10 * s_full.double()) * (1 + 2**-20)
-    over = ((d32 - xd).abs() > bound).nonzero()
-    assert over.numel() == 0, (f"element {over[0].tolist()}: x = {xd[tuple(over[0])].item():.9g} came back as "
-                               f"{d32[tuple(over[0])].item():.9g}, beyond e4m3's rounding bound")
+    assert_e4m3_round_trip(impl.dequant_1x128(q, s, torch.float32), x, s_full)
 
 
 @given(st.data(), st.sampled_from(["fp32", "bf16"]))
@@ -256,11 +260,7 @@ def test_dequant_128x128_bitwise_and_error_bound(impl, dsv3_device, data, out):
     deq = impl.dequant_128x128(q, s, DTYPES[out])
     s_full = s.cpu().repeat_interleave(128, 0)[:w.shape[0]].repeat_interleave(128, 1)[:, :w.shape[1]]
     assert_bitwise(deq, (q.cpu().float() * s_full).to(DTYPES[out]), "dequantized (fp32 q * s, then the dtype)")
-    d32 = impl.dequant_128x128(q, s, torch.float32).cpu().double()
-    bound = torch.maximum(2**-4 * w.double().abs(), 2**-10 * s_full.double()) * (1 + 2**-20)
-    over = ((d32 - w.double()).abs() > bound).nonzero()
-    assert over.numel() == 0, (f"element {over[0].tolist()}: w = {w.double()[tuple(over[0])].item():.9g} came back "
-                               f"as {d32[tuple(over[0])].item():.9g}, beyond e4m3's rounding bound")
+    assert_e4m3_round_trip(impl.dequant_128x128(q, s, torch.float32), w, s_full)
 
 
 @given(st.data())

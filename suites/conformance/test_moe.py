@@ -65,6 +65,14 @@ def moe_cfgs(draw: st.DrawFn, impl: object, bias: bool | None = None, score: str
     return model(moe, draw(st.sampled_from([8, 16, 32])))
 
 
+def drawn_case(impl: object, data: st.DataObject, seed: int, n: int,
+               **cfg_options: object) -> tuple[ModelConfig, State, torch.Tensor]:
+    """A config drawn for `impl` (moe_cfgs options), its weights and n tokens from `seed`, noted for a failure."""
+    cfg = data.draw(moe_cfgs(impl, **cfg_options), label="cfg")
+    note_case(cfg, seed, n)
+    return cfg, moe_state(cfg, seed), moe_tokens(cfg, seed, n)
+
+
 def note_case(cfg: ModelConfig, seed: int, n: int, call: str = "impl.route(cfg, state, x)", **state_kw: float) -> None:
     """The lines that rebuild this example (printed with a failure)."""
     options = "".join(f", {k}={v}" for k, v in state_kw.items())
@@ -173,8 +181,13 @@ def assert_selection(got: list[list[int]], ex: Expected, why: str) -> None:
                                              f"({why})\n{ex.token(t)}")
 
 
-def expected_weights(ex: Expected, indices: list[list[int]]) -> torch.Tensor:
-    return torch.tensor([[ex.weight_of(t, e) for e in row] for t, row in enumerate(indices)], dtype=torch.float64)
+def assert_weights(impl: object, cfg: ModelConfig, state: State, x: torch.Tensor, ex: Expected, why: str,
+                   rule: str) -> None:
+    """The selection first (so that every weight has an expected value), then each selected expert's weight."""
+    weights, indices = routed(impl, cfg, state, x)
+    assert_selection(indices, ex, why)
+    expected = torch.tensor([[ex.weight_of(t, e) for e in row] for t, row in enumerate(indices)], dtype=torch.float64)
+    assert_close(weights, expected, rtol(impl), f"weights != {rule}")
 
 
 seeds = st.integers(0, 2**31 - 1)
@@ -196,9 +209,7 @@ def test_exactly_k_distinct_experts_in_range(impl, data, seed, n):
 @given(st.data(), seeds, tokens)
 def test_selected_experts_lie_in_the_top_groups(impl, data, seed, n):
     # Group score = sum of the top-2 biased scores; with negative biases a 0.0 fill of dropped groups would win.
-    cfg = data.draw(moe_cfgs(impl, groups=(2, 4, 8)), label="cfg")
-    note_case(cfg, seed, n)
-    state, x = moe_state(cfg, seed), moe_tokens(cfg, seed, n)
+    cfg, state, x = drawn_case(impl, data, seed, n, groups=(2, 4, 8))
     ex = decided(cfg, state, x)
     for t, row in enumerate(routed(impl, cfg, state, x)[1]):
         for e in row:
@@ -220,25 +231,19 @@ def test_all_negative_biases_never_select_dropped_groups(impl, data, seed, n):
 
 @given(st.data(), seeds, tokens)
 def test_selection_uses_biased_scores(impl, data, seed, n):
-    cfg = data.draw(moe_cfgs(impl, bias=True), label="cfg")
-    note_case(cfg, seed, n)
-    state, x = moe_state(cfg, seed), moe_tokens(cfg, seed, n)
+    cfg, state, x = drawn_case(impl, data, seed, n, bias=True)
     ex = decided(cfg, state, x)  # first: no tie
     assert_selection(routed(impl, cfg, state, x)[1], ex, "top-k of the scores plus the bias")
 
 
 @given(st.data(), seeds, tokens)
 def test_weights_are_normalised_unbiased_scores(impl, data, seed, n):
-    cfg = data.draw(moe_cfgs(impl), label="cfg")
-    note_case(cfg, seed, n)
-    state, x = moe_state(cfg, seed), moe_tokens(cfg, seed, n)
+    cfg, state, x = drawn_case(impl, data, seed, n)
     ex = decided(cfg, state, x)
-    weights, indices = routed(impl, cfg, state, x)
-    assert_selection(indices, ex, "the weights are checked on the expected experts")
     m = cfg.moe
     rule = (f"unbiased {m.score_func} scores{' / their sum' if m.norm_topk_prob else ' (not renormalised)'} "
             f"x route_scale {m.route_scale}")
-    assert_close(weights, expected_weights(ex, indices), rtol(impl), f"weights != {rule}")
+    assert_weights(impl, cfg, state, x, ex, "the weights are checked on the expected experts", rule)
 
 
 @given(st.data(), seeds, tokens)
@@ -266,9 +271,7 @@ def test_weights_sum_to_route_scale_for_tiny_scores(impl, data, seed, n):
 
 @given(st.data(), seeds, tokens, st.floats(-5.0, 5.0))
 def test_selection_invariant_to_a_uniform_bias_shift(impl, data, seed, n, shift):
-    cfg = data.draw(moe_cfgs(impl, bias=True), label="cfg")
-    note_case(cfg, seed, n)
-    state, x = moe_state(cfg, seed), moe_tokens(cfg, seed, n)
+    cfg, state, x = drawn_case(impl, data, seed, n, bias=True)
     decided(cfg, state, x)
     shifted = dict(state, **{"gate.bias": (state["gate.bias"] + shift).float().double()})
     decided(cfg, shifted, x)  # the fp32 rounding of the shift may not create a tie
@@ -280,9 +283,7 @@ def test_selection_invariant_to_a_uniform_bias_shift(impl, data, seed, n, shift)
 
 @given(st.data(), seeds, st.integers(2, 16), st.randoms(use_true_random=False))
 def test_routing_equivariant_to_token_permutation(impl, data, seed, n, rnd):
-    cfg = data.draw(moe_cfgs(impl), label="cfg")
-    note_case(cfg, seed, n)
-    state, x = moe_state(cfg, seed), moe_tokens(cfg, seed, n)
+    cfg, state, x = drawn_case(impl, data, seed, n)
     decided(cfg, state, x)
     perm = list(range(n))
     rnd.shuffle(perm)
@@ -298,9 +299,7 @@ def test_routing_equivariant_to_token_permutation(impl, data, seed, n, rnd):
 
 @given(st.data(), seeds, tokens)
 def test_one_group_without_bias_selects_topk_of_logits(impl, data, seed, n):
-    cfg = data.draw(moe_cfgs(impl, bias=False, groups=(1,)), label="cfg")
-    note_case(cfg, seed, n)
-    state, x = moe_state(cfg, seed), moe_tokens(cfg, seed, n)
+    cfg, state, x = drawn_case(impl, data, seed, n, bias=False, groups=(1,))
     ex = decided(cfg, state, x)
     assert_selection(routed(impl, cfg, state, x)[1], ex, "one group, no bias: the top-k logits")
 
@@ -308,9 +307,7 @@ def test_one_group_without_bias_selects_topk_of_logits(impl, data, seed, n):
 @given(st.data(), seeds, tokens)
 def test_group_score_is_the_max_without_bias(impl, data, seed, n):
     skip_if_not_applicable(impl, "max_group_score_without_bias")
-    cfg = data.draw(moe_cfgs(impl, bias=False, groups=(2, 4, 8)), label="cfg")
-    note_case(cfg, seed, n)
-    state, x = moe_state(cfg, seed), moe_tokens(cfg, seed, n)
+    cfg, state, x = drawn_case(impl, data, seed, n, bias=False, groups=(2, 4, 8))
     ex = decided(cfg, state, x)  # first: no tie
     assert_selection(routed(impl, cfg, state, x)[1], ex, "without a bias a group scores its best expert")
 
@@ -319,14 +316,10 @@ def test_group_score_is_the_max_without_bias(impl, data, seed, n):
 def test_softmax_weights_are_unnormalised_probabilities(impl, data, seed, n):
     # DeepSeek-V2: softmax over all experts, top-k probabilities times route_scale, not renormalised.
     skip_if_not_applicable(impl, "softmax_scoring")
-    cfg = data.draw(moe_cfgs(impl, bias=False, score="softmax", norm=False), label="cfg")
-    note_case(cfg, seed, n)
-    state, x = moe_state(cfg, seed), moe_tokens(cfg, seed, n)
+    cfg, state, x = drawn_case(impl, data, seed, n, bias=False, score="softmax", norm=False)
     ex = decided(cfg, state, x)
-    weights, indices = routed(impl, cfg, state, x)
-    assert_selection(indices, ex, "top-k softmax probabilities")
-    assert_close(weights, expected_weights(ex, indices), rtol(impl),
-                 f"weights != top-k softmax probabilities x route_scale {cfg.moe.route_scale}, not renormalised")
+    assert_weights(impl, cfg, state, x, ex, "top-k softmax probabilities",
+                   f"top-k softmax probabilities x route_scale {cfg.moe.route_scale}, not renormalised")
 
 
 @given(st.sampled_from([2, 4, 8]), st.integers(1, 4), st.integers(2, 4), seeds, tokens, st.data())
