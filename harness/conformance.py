@@ -3,10 +3,10 @@ turns into the matrix (harness.matrix).
 
 The suites run in this process: pytest over the installed `suites.conformance` package, narrowed to the chosen
 components' implementation tests (the plugin's --dsv3-impl / --dsv3-component), optionally under pytest-xdist
-(`jobs`), with a small collector plugin that reads the "dsv3" entry the plugin attaches to every report (component,
-test, variant, implementation, declared not-applicable skips, the failure's message, shrunk example, rebuild lines
-and reproduction blob). Under xdist the reports reach the collector in this process, so it needs no files.
-Everything the user names is checked before pytest starts, so that bad input is one line (a UsageError).
+(`jobs`), with a small collector plugin that reads what the plugin attaches to every report (`dsv3_conformance`:
+component, test, variant, implementation, declared not-applicable skips, the failure's message, shrunk example,
+rebuild lines and reproduction blob). Under xdist the reports reach the collector in this process, so it needs
+no files. Everything the user names is checked before pytest starts, so that bad input is one line (a UsageError).
 """
 
 from __future__ import annotations

@@ -80,38 +80,45 @@ def build(run: Run) -> Matrix:
     return Matrix(rows, columns, cells, run, components)
 
 
-def _notes(matrix: Matrix) -> tuple[dict[tuple[str, str], int], list[str]]:
+Note = tuple[str, str]  # a footnote: its headline and the lines below it (example, rebuild lines), maybe empty
+
+
+def _notes(matrix: Matrix) -> tuple[dict[tuple[str, str], int], list[Note]]:
     """Footnote numbers per cell and the footnotes: one per failure (message, example, rebuild), one per distinct
     reason of the other non-pass cells."""
     numbers: dict[tuple[str, str], int] = {}
-    notes: list[str] = []
-    by_text: dict[str, int] = {}
+    notes: list[Note] = []
+    by_text: dict[Note, int] = {}
     for row in matrix.rows:
         for col in matrix.columns:
             cell = matrix.cells.get((row, col))
             if cell is None or cell.status == "pass":
                 continue
-            text = _note_text(row, col, cell)
-            if cell.status not in FAILING and text in by_text:
-                numbers[(row, col)] = by_text[text]
+            note = _note(col, cell)
+            if cell.status not in FAILING and note in by_text:
+                numbers[(row, col)] = by_text[note]
                 continue
-            notes.append(text)
-            numbers[(row, col)] = by_text[text] = len(notes)
+            notes.append(note)
+            numbers[(row, col)] = by_text[note] = len(notes)
     return numbers, notes
 
 
-def _note_text(row: str, col: str, cell: Cell) -> str:
+def _note(col: str, cell: Cell) -> Note:
     o = cell.shown
     where = property_id(o.component, o.test, o.variant)
+    body = "\n".join(p for p in (o.details, o.example, o.rebuild, o.reproduce) if p)
     if cell.status in FAILING:
-        parts = [f"{col} fails {where}: {o.message or 'no message'}"]
-        parts += [p for p in (o.details, o.example, o.rebuild, o.reproduce) if p]
-        return "\n".join(parts)
+        return f"{col} fails {where}: {o.message or 'no message'}", body
     if cell.status == "xpass":
-        return f"{col}: the known deviation {where} now passes; remove it from the deviations file ({o.reason})"
+        return f"{col}: {where} passes, though listed as a known deviation ({o.reason}): remove the entry", ""
     if cell.status == "xfail":
-        return f"{col}: known deviation ({o.reason}); {where} fails: {o.message}"
-    return o.reason
+        return f"{col}: {o.reason}; {where} fails: {o.message}", body
+    return o.reason, ""
+
+
+def _indented(note: Note, indent: str) -> str:
+    head, body = note
+    return head + "".join(f"\n{indent}{line}" for line in body.splitlines())
 
 
 def _cell_text(matrix: Matrix, numbers: dict[tuple[str, str], int], row: str, col: str) -> str:
@@ -147,16 +154,22 @@ def render(matrix: Matrix, fmt: str, env: dict[str, Any]) -> str:
                      disable_numparse=True)
     summary = _summary(matrix)
     if fmt == "github":
-        body = "\n".join(f"{n}. " + note.replace("\n", "\n   ") for n, note in enumerate(notes, 1))
+        body = "\n".join(f"{n}. {_github_note(note)}" for n, note in enumerate(notes, 1))
         return (f"## Conformance matrix\n\n{table}\n\n" + "".join(f"- {s}\n" for s in summary)
                 + (f"\n### Notes\n\n{body}\n" if notes else ""))
     if fmt == "latex":
-        comments = [f"% [{n}] " + note.replace("\n", "\n% ") for n, note in enumerate(notes, 1)]
+        comments = [f"% [{n}] " + _indented(note, "% ") for n, note in enumerate(notes, 1)]
         return "\n".join([f"% Conformance matrix\n{table}", *(f"% {s}" for s in summary), *comments]) + "\n"
     title = "Conformance matrix"
     text = [f"{title}\n{'=' * len(title)}\n{table}", *(f"  * {s}" for s in summary)]
-    text += [f"[{n}] " + note.replace("\n", "\n    ") for n, note in enumerate(notes, 1)]
+    text += [f"[{n}] " + _indented(note, "    ") for n, note in enumerate(notes, 1)]
     return "\n".join(text) + "\n"
+
+
+def _github_note(note: Note) -> str:
+    """A footnote as a markdown list item: the headline, the lines below it in a fenced block."""
+    head, body = note
+    return head + (f"\n\n   ```\n{_indented(('', body), '   ').lstrip(chr(10))}\n   ```\n" if body else "")
 
 
 def _csv(matrix: Matrix) -> str:

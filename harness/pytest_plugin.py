@@ -6,7 +6,7 @@ registered implementation whose optional modules are importable). When implement
 (`--dsv3-impl`, `--dsv3-component`), only the tests that run against them are kept: the other components' tests
 and the implementation-independent ones are deselected.
 
-Every report of such a test carries, in `report.user_properties` under "dsv3", what the conformance matrix needs:
+Every report of such a test carries, as its attribute `dsv3_conformance`, what the conformance matrix needs:
 component, test, variant, implementation, whether a skip was a declared "not applicable", and for a failure its
 message, the shrunk hypothesis example, the lines that rebuild it and the reproduction blob (`dsv3 conform`
 reads them, under pytest-xdist too). `--dsv3-deviations FILE` turns the listed known deviations into expected
@@ -50,7 +50,8 @@ for _name, _options in PROFILES.items():
                               phases=[p for p in Phase if p is not Phase.explain],
                               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large], **_options)
 
-REPORT_KEY = "dsv3"  # the user_properties entry that describes a conformance test's report
+REPORT_ATTRIBUTE = "dsv3_conformance"  # the report attribute that describes a conformance test's report (a dict:
+# pytest-xdist carries a report's extra attributes from the workers, as it does hypothesis's statistics)
 _CURRENT: ContextVar[tuple[str, str] | None] = ContextVar("dsv3_current_impl", default=None)
 _DEVIATION = pytest.StashKey[Any]()
 
@@ -308,9 +309,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         entry = item.stash.get(_DEVIATION, None)
         if entry is not None:
             info.update(deviation=entry.key, deviation_reason=entry.reason)
-        if call.excinfo is not None and report.failed:
+        if call.excinfo is not None and (report.failed or hasattr(report, "wasxfail")):
             info.update(failure_details(call.excinfo.value))
-        report.user_properties.append((REPORT_KEY, info))
+        setattr(report, REPORT_ATTRIBUTE, info)
     return report
 
 
@@ -341,8 +342,8 @@ def failure_details(exc: BaseException) -> dict[str, str]:
 
 
 def report_info(report: pytest.TestReport) -> dict[str, Any] | None:
-    """The "dsv3" entry of a conformance test's report (see the module docstring), or None."""
-    return next((v for k, v in report.user_properties if k == REPORT_KEY), None)
+    """What a conformance test's report says about it (see the module docstring), or None for another test."""
+    return getattr(report, REPORT_ATTRIBUTE, None)
 
 
 class DeviationTracker:

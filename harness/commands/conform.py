@@ -2,10 +2,7 @@
 property x implementation: pass, FAIL (with the first counterexample, shrunk, and the lines that rebuild it), n/a
 (declared by the implementation, with its reason), skip, xfail / XPASS (a listed known deviation that fails /
 now passes), ERROR. Exit 0 when every chosen implementation conforms, 1 when one fails a property, 2 on bad usage.
-
-    dsv3 conform --impl reference --impl transformers
-    dsv3 conform --impl mykernels:make_moe --deviations known-deviations.toml --format json
-"""
+Example: dsv3 conform --impl reference --impl mykernels:make_moe --deviations known-deviations.toml."""
 
 from __future__ import annotations
 
