@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 PY = VENV / "bin" / "python"
 STAMP = VENV / ".dsv3-installed"
-# perf cases run once, untimed, as smoke tests
+# the default test run: perf cases run once, untimed (a smoke test); slow ones are deselected
 TEST_ARGS = ["-m", "not slow", "--benchmark-disable", "--hypothesis-profile=ci", "tests", "suites"]
 PERF_ARGS = ["-m", "perf", "suites/performance"]  # timed, slow cases included
 

@@ -17,7 +17,8 @@ from dsv3ref.config import ConfigError
 Fn = TypeVar("Fn", bound=Callable)
 
 # kind -> modules that register backends of that kind (imported on the first lookup of the kind)
-PROVIDERS: dict[str, tuple[str, ...]] = {"moe_experts": ("dsv3ref.moe_grouped",)}
+PROVIDERS: dict[str, tuple[str, ...]] = {"moe_experts": ("dsv3ref.moe_grouped",),
+                                        "fp8_linear": ("dsv3ref.fp8.linear", "dsv3ref.fp8.fused")}
 _REGISTRY: dict[str, dict[str, Callable]] = {}
 
 

@@ -269,7 +269,10 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:
-        """Load a JSON or TOML file: our schema, or a Hugging Face config.json (recognised by `model_type`)."""
+        """Load a JSON or TOML file: our schema, a Hugging Face config.json (recognised by `model_type`) or the official
+        inference code's ModelArgs JSON (recognised by `dim` and `n_layers`)."""
+        from dsv3ref.hf_config import is_official_args, model_config_from_official
+
         path = Path(path)
         try:
             text = path.read_text(encoding="utf-8")  # JSON and TOML are UTF-8 by specification
@@ -285,6 +288,8 @@ class ModelConfig:
             if isinstance(data, dict) and "model_type" in data:
                 data.setdefault("_name_or_path", path.stem)
                 return cls.from_hf(data)
+            if isinstance(data, dict) and is_official_args(data):
+                return model_config_from_official(data, path.stem)
             if isinstance(data, dict):
                 data.setdefault("name", path.stem)
             return cls.from_dict(data)

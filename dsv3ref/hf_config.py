@@ -1,4 +1,6 @@
-"""Hugging Face `config.json` -> ModelConfig, for DeepSeek-V3/V2, Qwen2 and Llama checkpoints.
+"""Checkpoint configs <-> ModelConfig: a Hugging Face `config.json` (DeepSeek-V3/V2, Qwen2, Llama), the official
+DeepSeek-V3 inference code's ModelArgs JSON (`inference/configs/config_671B.json`), and the Hugging Face
+`config.json` of a DeepSeek model written back (`hf_config_dict`, what a saved Hugging Face layout carries).
 
 Only architectural keys are read; the rest of an HF config (token ids, dtypes, quantization, ...) does not
 change the architecture and is ignored.
@@ -14,6 +16,9 @@ group limit without `n_group`/`topk_group`, no MTP module outside deepseek_v3. A
 (deepseek_v2's `num_experts_per_tok`) is a `ConfigError` naming it. A key present as null counts as missing,
 except `q_lora_rank: null`, which means a single full-rank wq in transformers and in DeepSeek-V2-Lite's
 config.json.
+
+ModelArgs JSON is read as the official code reads it: unknown keys are errors, absent ones take ModelArgs'
+defaults.
 """
 
 from __future__ import annotations
@@ -143,4 +148,80 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         tie_word_embeddings=_get(hf, "tie_word_embeddings"),
         rms_norm_eps=_get(hf, "rms_norm_eps"),
         source=f"Hugging Face config.json (model_type {model_type})",
+    )
+
+
+def hf_config_dict(cfg: ModelConfig) -> dict[str, Any]:
+    """The Hugging Face `config.json` (model_type deepseek_v3) of an MLA + DeepSeekMoE model; `model_config_from_hf`
+    reads it back to `cfg` (name and source aside). RoPE is written as configured, YaRN included."""
+    a, m, r = cfg.attention, cfg.moe, cfg.rope
+    if a.kind != "mla" or m is None:
+        raise ConfigError(f"{cfg.name}: a deepseek_v3 config.json needs MLA attention and a MoE section, got "
+                          f"attention {a.kind!r} and moe {m!r}")
+    rope: dict[str, Any] | None = None
+    if r.kind == "yarn":
+        rope = {"type": "yarn", "rope_type": "yarn", "factor": r.factor, "beta_fast": r.beta_fast,
+                "beta_slow": r.beta_slow, "mscale": r.mscale, "mscale_all_dim": r.mscale_all_dim,
+                "original_max_position_embeddings": r.original_max_position_embeddings}
+    elif r.kind != "default":
+        raise ConfigError(f"rope.kind: a deepseek_v3 config.json has default or yarn RoPE, got {r.kind!r}")
+    return {
+        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+        "moe_intermediate_size": m.moe_intermediate_size, "num_hidden_layers": cfg.num_layers,
+        "num_nextn_predict_layers": cfg.mtp_depth, "num_attention_heads": a.num_heads,
+        "num_key_value_heads": a.num_heads, "n_shared_experts": m.n_shared_experts,
+        "n_routed_experts": m.n_routed_experts, "routed_scaling_factor": m.route_scale,
+        "kv_lora_rank": a.kv_lora_rank, "q_lora_rank": a.q_lora_rank or None,
+        "qk_rope_head_dim": a.qk_rope_head_dim, "qk_nope_head_dim": a.qk_nope_head_dim, "v_head_dim": a.v_head_dim,
+        "topk_method": "noaux_tc" if m.bias else "greedy", "n_group": m.n_group, "topk_group": m.topk_group,
+        "num_experts_per_tok": m.num_experts_per_tok, "moe_layer_freq": 1,
+        "first_k_dense_replace": m.first_k_dense_replace, "norm_topk_prob": m.norm_topk_prob,
+        "scoring_func": m.score_func, "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": r.theta, "rope_scaling": rope, "rope_interleave": True, "attention_bias": False,
+        "hidden_act": "silu", "tie_word_embeddings": cfg.tie_word_embeddings,
+    }
+
+
+# The official inference code's ModelArgs (inference/model.py) and its defaults, those of DeepSeek-V2-Lite
+OFFICIAL_ARGS: dict[str, Any] = {
+    "max_batch_size": 8, "max_seq_len": 4096 * 4, "dtype": "bf16", "scale_fmt": None, "vocab_size": 102400,
+    "dim": 2048, "inter_dim": 10944, "moe_inter_dim": 1408, "n_layers": 27, "n_dense_layers": 1, "n_heads": 16,
+    "n_routed_experts": 64, "n_shared_experts": 2, "n_activated_experts": 6, "n_expert_groups": 1,
+    "n_limited_groups": 1, "score_func": "softmax", "route_scale": 1.0, "q_lora_rank": 0, "kv_lora_rank": 512,
+    "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "original_seq_len": 4096,
+    "rope_theta": 10000.0, "rope_factor": 40, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0,
+}
+
+
+def is_official_args(data: dict[str, Any]) -> bool:
+    """Whether a config dict is the official ModelArgs JSON (it names the model width `dim` and `n_layers`)."""
+    return "dim" in data and "n_layers" in data
+
+
+def model_config_from_official(args: dict[str, Any], name: str = "deepseek-official") -> ModelConfig:
+    """Map the official ModelArgs JSON onto ModelConfig, as the official code interprets it: YaRN with its single
+    mscale, the selection bias only when dim == 7168 (its Gate's rule), sigmoid weights normalised, softmax not."""
+    unknown = sorted(set(args) - set(OFFICIAL_ARGS))
+    if unknown:
+        raise ConfigError(f"official config: {unknown[0]}: unknown key; expected one of {', '.join(OFFICIAL_ARGS)}")
+    a = {**OFFICIAL_ARGS, **args}
+    return ModelConfig(
+        name=name, vocab_size=a["vocab_size"], hidden_size=a["dim"], num_layers=a["n_layers"],
+        intermediate_size=a["inter_dim"],
+        attention=AttentionConfig(kind="mla", num_heads=a["n_heads"], q_lora_rank=a["q_lora_rank"],
+                                  kv_lora_rank=a["kv_lora_rank"], qk_nope_head_dim=a["qk_nope_head_dim"],
+                                  qk_rope_head_dim=a["qk_rope_head_dim"], v_head_dim=a["v_head_dim"]),
+        moe=MoEConfig(n_routed_experts=a["n_routed_experts"], num_experts_per_tok=a["n_activated_experts"],
+                      moe_intermediate_size=a["moe_inter_dim"], n_shared_experts=a["n_shared_experts"],
+                      n_group=a["n_expert_groups"], topk_group=a["n_limited_groups"],
+                      first_k_dense_replace=a["n_dense_layers"], score_func=a["score_func"],
+                      route_scale=float(a["route_scale"]), norm_topk_prob=a["score_func"] == "sigmoid",
+                      bias=a["dim"] == 7168),
+        rope=RopeConfig(kind="yarn", theta=float(a["rope_theta"]), factor=float(a["rope_factor"]),
+                        original_max_position_embeddings=a["original_seq_len"], beta_fast=float(a["beta_fast"]),
+                        beta_slow=float(a["beta_slow"]), mscale=float(a["mscale"]),
+                        mscale_all_dim=float(a["mscale"])),
+        max_seq_len=a["max_seq_len"], rms_norm_eps=1e-6,
+        source="official DeepSeek-V3 inference ModelArgs JSON",
     )

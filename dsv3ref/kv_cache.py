@@ -9,7 +9,9 @@
 Every row has its own length (`lengths`, [B]). A `Span` says where a chunk of S new tokens goes: per-row start
 positions and per-row valid counts (right padding). Writing at a start below a row's length rewinds it (the row's
 length becomes start + seqlen); a start above it would leave a gap and is an error, as is passing the capacity.
-Attention reads each row's first `length` slots only, so nothing past a row's length is ever touched.
+Attention reads each row's first `length` slots only, so nothing past a row's length is ever touched. `rewind`
+shortens rows without writing (speculative decoding drops rejected draft tokens): the slots past the new length
+keep their old values (a paged cache's NaN poison is not restored) and are overwritten by the next append.
 `nbytes()` is the true size of the stored payload (data and scales; lengths and block tables are metadata).
 """
 
@@ -174,6 +176,16 @@ class _Rows(ABC):
         """(row, chunk offset, absolute position) of every valid token of a chunk, each [N]."""
         rows, offsets = span.query_valid().nonzero(as_tuple=True)
         return rows, offsets, span.start[rows] + offsets
+
+    def rewind(self, lengths: int | torch.Tensor) -> None:
+        """Shorten the rows to `lengths` (an int for every row, or [B]); a row cannot grow this way."""
+        new = _row_tensor("lengths", lengths, self.batch, self.lengths.device)
+        bad = (new < 0) | (new > self.lengths)
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            raise CacheError(f"lengths: expected 0 <= length <= the cached length {int(self.lengths[row])} of row "
+                             f"{row}, got {int(new[row])}")
+        self.lengths = new.clone()
 
     def nbytes(self) -> int:
         """Bytes of the stored payload (data and scales)."""

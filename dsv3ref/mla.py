@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from dsv3ref.config import MLA_MODES, ConfigError, ModelConfig
+from dsv3ref.fp8.inference import dense_weight
 from dsv3ref.kv_cache import BLOCK_SIZE, KVCache, LatentCache, PagedLatentCache, Span, attend_heads, masked_softmax
 from dsv3ref.layers import RMSNorm, check_hidden
 from dsv3ref.rope import Rotary, softmax_scale
@@ -153,16 +154,20 @@ class MLA(nn.Module):
 
         Under autograd these are views of the weight. Otherwise they are contiguous copies, made once and redone
         whenever the weight changes (its storage or version; an inference-mode weight is taken as unchanged while
-        its storage is), because CPU BLAS copies a strided slice on every batched matmul.
+        its storage is), because CPU BLAS copies a strided slice on every batched matmul. An FP8-stored wkv_b
+        (`dsv3ref.fp8.inference.FP8Linear`) is dequantized into the layer's dtype, as the official code does.
         """
         w = self.wkv_b.weight
-        view = w.view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
-        w_uk, w_uv = view[:, : self.qk_nope_head_dim], view[:, self.qk_nope_head_dim:]
         if torch.is_grad_enabled() and w.requires_grad:
-            return w_uk, w_uv
+            return self._split_wkv_b(w)
         version = -1 if w.is_inference() else w._version  # inference tensors keep no version counter
         key = (w.data_ptr(), version, w.dtype, w.device)
         if self._absorbed_key != key:
+            w_uk, w_uv = self._split_wkv_b(dense_weight(self.wkv_b, self.kv_norm.weight.dtype))
             self._absorbed_cache = (w_uk.detach().contiguous(), w_uv.detach().contiguous())
             self._absorbed_key = key
         return self._absorbed_cache
+
+    def _split_wkv_b(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        view = w.view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        return view[:, : self.qk_nope_head_dim], view[:, self.qk_nope_head_dim:]

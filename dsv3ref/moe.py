@@ -116,9 +116,10 @@ class Gate(nn.Module):
 @backends.register("moe_experts", "loop")
 def loop_experts(moe: MoE, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """The reference: each expert takes the rows routed to it and adds its weighted output (the official loop).
-    x [N, D], weights and indices [N, k] -> the routed sum [N, D]."""
+    x [N, D], weights and indices [N, k] -> the routed sum [N, D]; slots holding -1 (an expert on another rank,
+    under expert parallelism) add nothing."""
     y = torch.zeros_like(x)
-    counts = torch.bincount(indices.flatten(), minlength=moe.n_experts).tolist()
+    counts = torch.bincount(indices[indices >= 0], minlength=moe.n_experts).tolist()
     for i, expert in enumerate(moe.experts):
         if counts[i] == 0:
             continue

@@ -90,9 +90,10 @@ def default_gemm(device: torch.device, dtype: torch.dtype, dims: tuple[int, ...]
 
 
 def plain_linears(moe: nn.Module) -> bool:
-    """Whether the experts' w1/w2/w3 are plain nn.Linear (conversions swap them by name, so expert 0 tells)."""
-    first = moe.experts[0]
-    return all(type(m) is nn.Linear for m in (first.w1, first.w2, first.w3))
+    """Whether every expert's w1/w2/w3 is a plain nn.Linear (a checkpoint may store only some experts in FP8, so
+    every expert is looked at; through the module dicts, as attribute lookups cost microseconds each)."""
+    return all(type(linear) is nn.Linear for expert in moe.experts._modules.values()
+               for linear in expert._modules.values())
 
 
 PairsRun = Callable[[nn.Module, torch.Tensor, "Pairs"], torch.Tensor]

@@ -2,11 +2,14 @@
 
 AdamW on fp32 master weights, linear warm-up then cosine decay, gradient clipping, random windows of the
 training tokens drawn from a seeded generator (`data_seed` fixes the data order), and the validation loss on
-a fixed set of windows. Precision: "fp32" (no autocast); "bf16" (autocast to bfloat16: linear layers and
-attention matmuls in BF16, fp32 master weights and residual stream); "fp8" (as bf16, with the projections of
-attention and FFN/experts converted to FP8 LowPrecisionLinear: all three GEMMs in FP8, fp32 accumulation and
-weight gradients; embedding, head and router stay in BF16 per `fp8_keep`); "bf16-linear" (as fp8 with the
-operands of those GEMMs in BF16: the baseline that differs from fp8 only in the operand format).
+a fixed set of windows (after the last step, every `eval_every` steps and after the steps in `eval_at`).
+Precision: "fp32" (no autocast); "bf16" (autocast to bfloat16: linear layers and attention matmuls in BF16, fp32
+master weights and residual stream); "fp8" (the projections of attention and FFN/experts converted to FP8
+LowPrecisionLinear: all three GEMMs in FP8, fp32 accumulation and weight gradients; embedding, head, router, norms
+and the attention core in `other_ops`: BF16 autocast as DeepSeek-V3, or FP32 where BF16 matmuls are slow);
+"bf16-linear" (as fp8 with the operands of those GEMMs in BF16: the baseline that differs from fp8 only in the
+operand format). A non-finite training loss (or non-finite activations, which a MoE router refuses) stops the run
+with NonFiniteLoss, which names the run and the step and carries the history so far.
 After every step the MoE layers' routing biases get DeepSeek-V3's auxiliary-loss-free update
 (dsv3ref.balancing: -gamma for over-loaded experts, +gamma for under-loaded ones, from that step's routing);
 `bias_update_speed` = 0 keeps them fixed.
@@ -25,12 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsv3ref import backends
 from dsv3ref.balancing import GAMMA, apply_bias_update_, expert_load
 from dsv3ref.corpus import Corpus, fixed_batches, random_batch
-from dsv3ref.fp8.linear import DEFAULT_KEEP, convert_linears
-from dsv3ref.moe import MoE
+from dsv3ref.fp8.linear import DEFAULT_INPUT_CACHE, DEFAULT_KEEP, convert_linears
+from dsv3ref.moe import MoE, MoEInputError
 
 PRECISIONS = ("fp32", "bf16", "bf16-linear", "fp8")
+OTHER_OPS = ("bf16", "fp32")
 RECIPE = {"fp8": "fp8", "bf16-linear": "bf16"}
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -54,11 +59,15 @@ class TrainConfig:
     grad_clip: float = 1.0
     data_seed: int = 0
     precision: str = "bf16"
+    other_ops: str = "bf16"  # bf16-linear/fp8: autocast dtype of everything but the converted GEMMs
     fp8_keep: tuple[str, ...] = DEFAULT_KEEP
+    fp8_input_cache: tuple[str, ...] = DEFAULT_INPUT_CACHE  # modules whose wgrad reads the input, not its FP8 copy
     fp8_backend: str = "torch"
     eval_batches: int = 4
-    eval_every: int = 0  # 0: evaluate only after the last step
+    eval_every: int = 0  # 0: evaluate only after the last step (and after the steps in eval_at)
+    eval_at: tuple[int, ...] = ()
     bias_update_speed: float = GAMMA  # gamma of the routing-bias update; 0 keeps the biases fixed
+    name: str = "run"  # names the run in errors
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "eval_batches"):
@@ -75,14 +84,38 @@ class TrainConfig:
             raise TrainError(f"bias_update_speed: expected a finite value >= 0, got {self.bias_update_speed!r}")
         if self.precision not in PRECISIONS:
             raise TrainError(f"precision: expected one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.other_ops not in OTHER_OPS:
+            raise TrainError(f"other_ops: expected one of {', '.join(OTHER_OPS)}, got {self.other_ops!r}")
+        if self.precision in ("fp32", "bf16") and self.other_ops != "bf16":
+            raise TrainError(f"other_ops: applies to the bf16-linear and fp8 precisions, not {self.precision!r}")
+        bad = [s for s in self.eval_at if not 1 <= s <= self.steps]
+        if bad:
+            raise TrainError(f"eval_at: expected steps in 1..{self.steps}, got {bad[0]!r}")
+        known = backends.names("fp8_linear")
+        if self.fp8_backend not in known:
+            raise TrainError(f"fp8_backend: expected one of {', '.join(known)}, got {self.fp8_backend!r}")
+
+    def autocast(self) -> bool:
+        """Whether the run computes under BF16 autocast (everything but fp32 and fp32-other-ops runs)."""
+        return self.precision != "fp32" and self.other_ops == "bf16"
+
+
+class NonFiniteLoss(TrainError):
+    """The training loss became NaN or Inf; `result` holds the history up to the step before."""
+
+    def __init__(self, message: str, step: int, result: TrainResult) -> None:
+        super().__init__(message)
+        self.step, self.result = step, result
 
 
 @dataclass
 class TrainResult:
-    """Training loss per step, (step, validation loss) pairs, the final validation loss, wall time."""
+    """Training loss per step, (step, validation loss) pairs, the last evaluation's loss per validation batch,
+    the final validation loss, wall time."""
 
     losses: list[float]
     val_losses: list[tuple[int, float]] = field(default_factory=list)
+    val_batch_losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
@@ -105,23 +138,32 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
 
 
 @contextlib.contextmanager
-def precision_context(precision: str, device: str = "cpu") -> Iterator[None]:
-    """Autocast to bfloat16 for bf16/fp8 runs (nothing for fp32); hides torch's mixed-dtype norm warning."""
+def precision_context(precision: str, device: str = "cpu", autocast: bool | None = None) -> Iterator[None]:
+    """Autocast to bfloat16 for bf16/fp8 runs (nothing for fp32, or when `autocast` is False); hides torch's
+    mixed-dtype norm warning."""
+    enabled = precision != "fp32" if autocast is None else autocast
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision != "fp32"):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=enabled):
             yield
 
 
-def evaluate(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], precision: str,
-             loss_fn: LossFn = next_token_loss) -> float:
-    """Mean loss over fixed batches, without gradients, in the run's precision."""
+def evaluate_batches(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], precision: str,
+                     loss_fn: LossFn = next_token_loss, autocast: bool | None = None) -> list[float]:
+    """The loss of each fixed batch, without gradients, in the run's precision."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    with torch.no_grad(), precision_context(precision, device.type):
+    with torch.no_grad(), precision_context(precision, device.type, autocast):
         losses = [float(loss_fn(model, x.to(device), y.to(device))) for x, y in batches]
     model.train(was_training)
+    return losses
+
+
+def evaluate(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], precision: str,
+             loss_fn: LossFn = next_token_loss, autocast: bool | None = None) -> float:
+    """Mean loss over fixed batches, without gradients, in the run's precision."""
+    losses = evaluate_batches(model, batches, precision, loss_fn, autocast)
     return sum(losses) / len(losses)
 
 
@@ -139,36 +181,73 @@ def update_routing_biases(model: nn.Module, gamma: float) -> None:
             apply_bias_update_(moe.gate.bias, expert_load(moe.last_indices, moe.n_experts), gamma)
 
 
+class Trainer:
+    """One run's state: the model (its projections converted for fp8 and bf16-linear), optimizer, data order and
+    validation batches; `step()` trains on the next batch, `evaluate()` scores the validation batches."""
+
+    def __init__(self, model: nn.Module, corpus: Corpus, cfg: TrainConfig, loss_fn: LossFn = next_token_loss) -> None:
+        if cfg.precision in RECIPE:
+            convert_linears(model, RECIPE[cfg.precision], cfg.fp8_keep, cfg.fp8_backend, cfg.fp8_input_cache)
+        self.model, self.corpus, self.cfg, self.loss_fn = model, corpus, cfg, loss_fn
+        self.device = next(model.parameters()).device
+        self.generator = torch.Generator().manual_seed(cfg.data_seed)
+        self.val = fixed_batches(corpus.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+        self.opt = _optimizer(model, cfg)
+        self.steps_done = 0
+
+    def step(self) -> float:
+        """One optimizer step (learning rate of this step, next batch, clipping, routing-bias update); the loss.
+        NonFiniteLoss (with an empty history) when the loss is NaN or Inf; nothing is updated then."""
+        cfg, model = self.cfg, self.model
+        for group in self.opt.param_groups:
+            group["lr"] = learning_rate(cfg, self.steps_done)
+        x, y = random_batch(self.corpus.train, cfg.batch_size, cfg.seq_len, self.generator)
+        step = self.steps_done + 1
+        try:
+            with precision_context(cfg.precision, self.device.type, cfg.autocast()):
+                loss = self.loss_fn(model, x.to(self.device), y.to(self.device))
+        except MoEInputError as e:  # a MoE router refuses non-finite activations: the run diverged in the forward
+            raise NonFiniteLoss(f"{cfg.name}: non-finite activations at step {step} of {cfg.steps} ({e}); lower lr "
+                                "or check the data", step, TrainResult(losses=[])) from None
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"{cfg.name}: training loss not finite at step {step} of {cfg.steps} "
+                                f"({loss.item()}); lower lr or check the data", step, TrainResult(losses=[]))
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        self.opt.step()
+        if cfg.bias_update_speed:
+            update_routing_biases(model, cfg.bias_update_speed)
+        self.steps_done += 1
+        return loss.item()
+
+    def evaluate(self) -> list[float]:
+        """The loss of each validation batch, in the run's precision."""
+        return evaluate_batches(self.model, self.val, self.cfg.precision, self.loss_fn, self.cfg.autocast())
+
+    def evaluates_now(self) -> bool:
+        """Whether the schedule evaluates after the step just done (the last, eval_at, every eval_every)."""
+        done, cfg = self.steps_done, self.cfg
+        return done == cfg.steps or done in cfg.eval_at or bool(cfg.eval_every and done % cfg.eval_every == 0)
+
+
 def train(model: nn.Module, corpus: Corpus, cfg: TrainConfig, loss_fn: LossFn = next_token_loss,
           progress: Callable[[int, float], None] | None = None) -> TrainResult:
-    """Train `model` in place (fp8, bf16-linear: its projections are converted first); return the history."""
-    if cfg.precision in RECIPE:
-        convert_linears(model, RECIPE[cfg.precision], cfg.fp8_keep, cfg.fp8_backend)
-    device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(cfg.data_seed)
-    val = fixed_batches(corpus.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
-    opt = _optimizer(model, cfg)
+    """Train `model` in place (fp8, bf16-linear: its projections are converted first); return the history.
+    `progress(step, loss)` is called after every step; NonFiniteLoss carries the history up to the failing step."""
+    trainer = Trainer(model, corpus, cfg, loss_fn)
     result, start = TrainResult(losses=[]), time.perf_counter()
     model.train()
     for step in range(cfg.steps):
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(cfg, step)
-        x, y = random_batch(corpus.train, cfg.batch_size, cfg.seq_len, generator)
-        with precision_context(cfg.precision, device.type):
-            loss = loss_fn(model, x.to(device), y.to(device))
-        if not torch.isfinite(loss):
-            raise TrainError(f"loss: not finite at step {step} ({float(loss)}); lower lr or check the data")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        if cfg.bias_update_speed:
-            update_routing_biases(model, cfg.bias_update_speed)
-        result.losses.append(loss.item())
+        try:
+            result.losses.append(trainer.step())
+        except NonFiniteLoss as e:
+            result.seconds = time.perf_counter() - start
+            raise NonFiniteLoss(str(e), e.step, result) from None
         if progress is not None:
             progress(step, result.losses[-1])
-        last = step == cfg.steps - 1
-        if last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0):
-            result.val_losses.append((step + 1, evaluate(model, val, cfg.precision, loss_fn)))
+        if trainer.evaluates_now():
+            result.val_batch_losses = trainer.evaluate()
+            result.val_losses.append((step + 1, sum(result.val_batch_losses) / len(result.val_batch_losses)))
     result.seconds = time.perf_counter() - start
     return result

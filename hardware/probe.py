@@ -37,12 +37,19 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def measure_copy_GBps(device: str) -> tuple[float, str]:
-    """Memory bandwidth from a copy of COPY_BYTES (counted twice: read and write)."""
+def copy_case(device: str) -> tuple[Callable[[], torch.Tensor], float, str]:
+    """The probe's copy: (a callable running it, the bytes it moves, read + write, a description). Shared with
+    benchmarks that time it side by side with their workload, so both see the same machine state."""
     src = torch.ones(COPY_BYTES // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    t = time_fn(lambda: dst.copy_(src), device=device, warmup=2, min_reps=5, min_time_s=0.3)
-    return 2 * COPY_BYTES / t.median / 1e9, f"measured: copy of {COPY_BYTES >> 20} MiB fp32, median of {len(t.samples)}"
+    return lambda: dst.copy_(src), 2.0 * COPY_BYTES, f"copy of {COPY_BYTES >> 20} MiB fp32"
+
+
+def measure_copy_GBps(device: str) -> tuple[float, str]:
+    """Memory bandwidth from a copy of COPY_BYTES (counted twice: read and write)."""
+    fn, moved, what = copy_case(device)
+    t = time_fn(fn, device=device, warmup=2, min_reps=5, min_time_s=0.3)
+    return moved / t.median / 1e9, f"measured: {what}, median of {len(t.samples)}"
 
 
 def _square(n: int, device: str, dtype: torch.dtype) -> Callable[[], torch.Tensor]:

@@ -1,1 +1,2 @@
-"""harness: measurement, analytic and measured metrics, results, reports, the CI gate, CLI `dsv3`, pytest plugin."""
+"""harness: the analytic cost model, benchmark workloads and experiments, results, reports, the CLI `dsv3`, the pytest
+plugin, and the protocols and adapters of the implementations under test."""

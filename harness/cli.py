@@ -1,6 +1,6 @@
 """The `dsv3` command line; one subcommand per module of `harness.commands` (`dsv3 report`, `dsv3 profiles`, ...).
 
-Exit codes: 0 success, 2 bad usage or input (one line on stderr, no traceback), 1 a failed check.
+Exit codes: 0 success, 2 bad usage or input (one line on stderr, no traceback).
 """
 
 from __future__ import annotations

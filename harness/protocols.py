@@ -140,6 +140,61 @@ class FP8Impl(Protocol):
         scales applied per 128-wide K block."""
 
 
+@runtime_checkable
+class EPImpl(Protocol):
+    """Component `ep`: expert-parallel dispatch and combine over torch.distributed, called on every rank of a world
+    the suites start (gloo on CPU, NCCL on CUDA), with the signatures of `dsv3ref.comms.ep.AllToAll`.
+
+    `ep` is a `dsv3ref.comms.ep.EPGroup`: rank, world_size, gpus_per_node, device, and the process groups of the
+    world (`world`, None = the default group), of this rank's node and of its plane. Experts are placed
+    contiguously, E / R per rank. Formats: dispatch "native" (x's dtype), "bf16" or "fp8" (e4m3 data with fp32
+    1x128 scales, `dsv3ref.fp8.quant.quant_1x128`); combine "native" or "bf16". Optional properties (declare the
+    ones an implementation lacks in `not_applicable`): `link_bytes` (adds to `counter`, a
+    `dsv3ref.comms.ep.LinkBytes`, the payload bytes each call sends per scale-out plane and over scale-up, as
+    `LinkBytes` documents), `node_dedup` (a token crosses scale-out once per destination node, not per rank),
+    `input_checks` (bad input or ranks that disagree raise a ValueError on every rank), `fp8_dispatch`, `fp64`
+    (float64 activations travel exactly).
+    """
+
+    component: str
+
+    def dispatch(self, ep: Any, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                 n_experts: int, fmt: str = "native", counter: Any = None) -> Any:
+        """x [N, D], topk_idx [N, k] int64 (-1: no expert), topk_weights [N, k] -> a
+        `dsv3ref.comms.ep.Dispatched`: the tokens this rank holds experts of, once each, ordered by source rank
+        then token index; x in the wire dtype (scales [T, ceil(D/128)] fp32 for fp8), topk_idx this rank's local
+        expert ids or -1, topk_weights as sent, src_rank / src_token [T], and a handle for combine."""
+
+    def combine(self, ep: Any, y: torch.Tensor, handle: Any, fmt: str = "native", counter: Any = None) -> torch.Tensor:
+        """y [T, D] (one row per received token, in dispatch order) -> [N, D] in y's dtype: each source token's
+        rows from all its destination ranks, summed."""
+
+
+@runtime_checkable
+class ModelImpl(Protocol):
+    """Component `model`: an assembled DeepSeek-V3 model with cached decoding.
+
+    `state` holds every tensor by the official checkpoint names (embed.weight; layers.{i}.attn_norm, .attn.*
+    (MLAImpl's names), .ffn_norm, .ffn.* (dense w1/w2/w3, or MoEImpl's gate/experts/shared_experts); norm.weight;
+    head.weight) in `dtype` (gate.bias fp32 values). tokens are int64 [B, S] with ids in [0, vocab).
+    """
+
+    component: str
+
+    def build(self, cfg: ModelConfig, state_dict: State, dtype: torch.dtype, device: str) -> Any:
+        """The model holding `state_dict`, computing in `dtype` on `device`."""
+
+    def new_cache(self, model: Any, batch: int, max_len: int, **options: Any) -> Any:
+        """Empty caches of every layer for `batch` rows x `max_len` tokens; options as MLAImpl.new_cache
+        (paged=True with block_size; fp8=True)."""
+
+    def forward(self, model: Any, tokens: torch.Tensor, cache: Any = None,
+                seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, S, vocab] of every position of tokens [B, S]. cache=None: one causal pass from position 0;
+        with a cache: the tokens are appended after each row's cached tokens and attend to them. seqlens [B]
+        (with a cache only): real tokens per row, the rest right padding, not cached (their logits are free)."""
+
+
 def members(protocol: type) -> tuple[str, ...]:
     """The attributes and methods a protocol requires, in declaration order."""
     names = list(getattr(protocol, "__annotations__", {}))

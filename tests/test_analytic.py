@@ -1,4 +1,5 @@
-"""The analytic cost model against hand-derived arithmetic (paper-facts.md §1-3, §8)."""
+"""The analytic cost model against hand-derived arithmetic: the paper's Table 1 (KV cache), Table 2 (training
+FLOPs) and §2.3.2 (TPOT bound), from the model configs (DeepSeek-V3: technical report §4.2, config_671B.json)."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def test_kv_bytes():
 
 
 def test_v3_mla_layer_params():
-    # wq_a + q_norm + wq_b + wkv_a + kv_norm + wkv_b + wo (paper-facts §8: 187.1M per layer)
+    # wq_a + q_norm + wq_b + wkv_a + kv_norm + wkv_b + wo at V3's dimensions: 187.1M per layer
     expected = (7168 * 1536 + 1536 + 1536 * 128 * 192 + 7168 * 576 + 512 + 512 * 128 * 256 + 128 * 128 * 7168)
     assert attention_params(V3) == expected == 187_107_328
 

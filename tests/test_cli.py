@@ -72,6 +72,18 @@ def test_report_reproduces_the_papers_tables(report_json):
                                                                                                      rel=5e-3)
 
 
+def test_report_predicts_v3_decode_per_profile_and_counts_model_flops(report_json):
+    doc, _ = report_json
+    h800 = [r for r in doc["results"] if r["metric"] == "tpot_ms" and r["method"] == "roofline"
+            and r["profile"] == "h800" and r["subject"] == "deepseek-v3-671b"]
+    assert len(h800) == 1 and h800[0]["paper"] == 14.76 and h800[0]["context"] == 4096 and h800[0]["batch"] == 32
+    assert h800[0]["value"] >= h800[0]["all_to_all_ms"]  # the prediction includes the EP all-to-all
+    counted = {(r["kind"], r["phase"]): r["value"] for r in doc["results"]
+               if r["metric"] == "fwd_gflops_per_token" and r["subject"] == "dsv3-tiny"}
+    assert counted[("measured", "decode")] == counted[("analytic", "decode")] > 0
+    assert counted[("measured", "prefill")] == counted[("analytic", "prefill")]
+
+
 def test_report_writes_markdown_and_flags_the_papers_inconsistencies(report_json):
     _, out = report_json
     md = (out / "report.md").read_text()
@@ -129,11 +141,13 @@ def test_threads_default_to_all_cores(report_json):
     assert doc["env"]["torch_threads"] == os.cpu_count()
 
 
-def test_small_moe_model_gets_config_exact_tpot_only(report_json):
+def test_small_moe_model_gets_config_exact_ep_bound_only(report_json):
+    # (its decode roofline, method "roofline", is the model section's and applies to any size)
     doc, out = report_json
     linked = [n for n in profile_names() if ep_link(load_profile(n)) is not None]
     got = sorted((r["metric"], r["profile"], r["method"]) for r in doc["results"]
-                 if r["subject"] == "dsv3-tiny" and r["metric"] in ("tpot_ms", "tokens_per_s"))
+                 if r["subject"] == "dsv3-tiny" and r["metric"] in ("tpot_ms", "tokens_per_s")
+                 and r["method"] != "roofline")
     assert got == sorted((m, p, "config-exact") for m in ("tpot_ms", "tokens_per_s") for p in linked)
     note = "dsv3-tiny: paper-7k not applicable (hidden_size 64 rounds to 0 thousands)"
     assert note in (out / "report.md").read_text()
@@ -246,3 +260,21 @@ def test_profiles_show_rounds_probed_floats(capsys, tmp_path):
     out = capsys.readouterr().out
     assert " 0.01793  " in out and "0.0179277557783743" not in out
     assert " 1,979  " in out and " 3,350  " in out and " 80  " in out
+
+
+def test_report_reproduces_table3_and_the_ep_traffic(report_json):
+    doc, _ = report_json
+    for name, (endpoints, switches, links, per_endpoint) in {
+            "FT2": (2_048, 96, 2_048, 4.39), "MPFT": (16_384, 768, 16_384, 4.39), "FT3": (65_536, 5_120, 131_072, 7.5),
+            "SF": (32_928, 1_568, 32_928, 4.4), "DF": (261_632, 16_352, 384_272, 5.8)}.items():
+        assert _value(doc, "topology_endpoints", name) == endpoints
+        assert _value(doc, "topology_switches", name) == switches
+        assert _value(doc, "topology_links", name) == links
+        for prices in ("two-column", "five-column-fit"):
+            assert _value(doc, "topology_cost_per_endpoint", name, method=prices) == pytest.approx(per_endpoint,
+                                                                                                 rel=0.05)
+    flat = _value(doc, "ep_scaleout_bytes_per_token", "flat")
+    hierarchical = _value(doc, "ep_scaleout_bytes_per_token", "hierarchical")
+    assert 0 < hierarchical < flat < 8 * (7168 + 224 + 2 * 7168)  # at most k remote copies, each dispatch + combine
+    traffic = [r for r in doc["results"] if r["metric"] == "tpot_ms" and r["method"].startswith("ep-traffic-")]
+    assert {r["profile"] for r in traffic} >= {"h800", "gb200-nvl72"}

@@ -1,4 +1,4 @@
-"""Unit tests of dsv3ref.dispatch: the dispatch layout against a brute-force count, and bad input."""
+"""Unit tests of dsv3ref.comms.dispatch: the dispatch layout against a brute-force count, and bad input."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dsv3ref.dispatch import DispatchInputError, dispatch_layout
+from dsv3ref.comms.dispatch import DispatchInputError, dispatch_layout
 
 
 @st.composite

@@ -7,6 +7,7 @@ import torch
 
 from dsv3ref.fp8 import accumulation as acc
 from dsv3ref.fp8.quant import FP8Error
+from harness.bench.fp8 import accumulation_errors, accumulation_inputs
 
 
 def test_truncation_against_the_largest_exponent():
@@ -43,7 +44,7 @@ def test_wide_accumulator_is_exact_on_integers():
 def test_promotion_every_128_is_at_least_10x_better(bits):
     # The paper's claim at K = 4096 (T1 §3.3.2), on the documented inputs: promotion cuts the error by far more
     # than 10x and FP32 accumulation stays the floor.
-    errors = acc.accumulation_errors(4096, bits)
+    errors = accumulation_errors(4096, bits)
     assert errors["promote-128"] * 10 <= errors["no-promotion"]
     assert errors["fp32"] < errors["promote-128"]
 
@@ -51,14 +52,14 @@ def test_promotion_every_128_is_at_least_10x_better(bits):
 def test_no_promotion_error_at_k4096_and_its_growth():
     # 14 bits lands inside the 0.5-5% range the paper's "nearly 2%" implies; one bit less costs 2-4x (the
     # sign-filling shift's bias toward -inf adds up over the steps); the error grows with K.
-    e13, e14 = (acc.accumulation_errors(4096, b)["no-promotion"] for b in (13, 14))
+    e13, e14 = (accumulation_errors(4096, b)["no-promotion"] for b in (13, 14))
     assert 0.005 <= e14 <= 0.05
     assert 2 <= e13 / e14 <= 4
-    assert acc.accumulation_errors(1024, 13)["no-promotion"] < e13
+    assert accumulation_errors(1024, 13)["no-promotion"] < e13
 
 
 def test_inputs_are_the_fp8_data_of_1x128_tiles_and_128x128_blocks():
-    a, b = acc.accumulation_inputs(3, 4, 256, seed=1)
+    a, b = accumulation_inputs(3, 4, 256, seed=1)
     assert a.shape == (3, 256) and b.shape == (4, 256) and (a < 0).any() and (a > 0).any()
     for t in (a, b):
         assert torch.equal(t, t.to(torch.float8_e4m3fn).double())

@@ -84,6 +84,24 @@ def test_writing_below_the_length_rewinds_the_row():
     assert keys[0].tolist() == [[0.0, 1.0], [2.0, 3.0], [-0.0, -1.0]]
 
 
+@pytest.mark.parametrize("make", [lambda: KVCache(2, 8, 1, 2, 2, dtype=torch.float64),
+                                  lambda: PagedLatentCache(2, 8, 2, 2, dtype=torch.float64, block_size=2)])
+def test_rewind_shortens_rows_without_writing(make):
+    cache = make()
+    x = torch.arange(24.0, dtype=torch.float64).view(2, 6, *([1, 2] if isinstance(cache, KVCache) else [2]))
+    cache.append(span(2, 6), x, x)
+    cache.rewind(torch.tensor([2, 5]))
+    assert cache.lengths.tolist() == [2, 5]
+    cache.append(span(2, 1, cache.lengths.clone()), -x[:, :1], -x[:, :1])  # continues at each row's new length
+    assert cache.lengths.tolist() == [3, 6]
+    first = cache.row(0, 3)[0]
+    assert first.flatten().tolist()[-2:] == [-0.0, -1.0]
+    with pytest.raises(CacheError, match="lengths: expected 0 <= length <= the cached length 3 of row 0, got 4"):
+        cache.rewind(4)
+    with pytest.raises(ValueError, match="lengths: expected an int or an integer tensor of shape"):
+        cache.rewind(torch.tensor([1.0, 2.0]))
+
+
 def test_varlen_append_writes_only_valid_tokens():
     cache = LatentCache(2, 6, 3, 2, dtype=torch.float64)
     kv = torch.randn(2, 4, 3, dtype=torch.float64)

@@ -3,8 +3,9 @@ implementation under test; the MLA suite checks an implementation's RoPE through
 
 Rotations are norm-preserving, the identity at position 0, and make q.k depend only on the relative position; the
 interleaved (official) and half (rotate_half) layouts give the same scores once vectors are permuted; YaRN's ramp
-bounds, gate and softmax scale follow reference-semantics.md section 1.5. Exact float64 identities are checked to
-1e-12 (a handful of operations per element); transformers cross-checks to float32 precision (its tables are fp32).
+bounds, gate and softmax scale follow the official inference code (deepseek-ai/DeepSeek-V3, inference/model.py:
+`precompute_freqs_cis` and the softmax scale of `MLA`). Exact float64 identities are checked to 1e-12 (a handful
+of operations per element); transformers cross-checks to float32 precision (its tables are fp32).
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def test_v3_yarn_ramp_bounds_and_scaled_frequencies():
 def test_v3_softmax_scale():
     mscale = 0.1 * math.log(40) + 1
     assert softmax_scale(V3) == pytest.approx(192**-0.5 * mscale**2, rel=1e-15)
-    assert softmax_scale(V3) == pytest.approx(0.1352338, abs=5e-8)  # reference-semantics.md 1.5
+    assert softmax_scale(V3) == pytest.approx(0.1352338, abs=5e-8)  # the 671B config's value
     assert softmax_scale(V2_LITE) == pytest.approx(192**-0.5 * (0.1 * 0.707 * math.log(40) + 1) ** 2, rel=1e-15)
 
 

@@ -15,10 +15,8 @@ descriptions of Hopper's FP8 WGMMA, stated so it can be checked):
 - Promotion every N_C elements (`promote_every`): the limited accumulator is added to an FP32 accumulator on
   the CUDA cores (round to nearest even) and reset to zero.
 - FP32 accumulation (the floor): every product added to an FP32 accumulator in K order, rounding each addition.
-Inputs (`accumulation_inputs`): a random GEMM as DeepGEMM's tests build it, N(0, 1) entries cast to FP8 with the
-project's quantizers (A in 1x128 tiles, B in 128x128 blocks); the emulation multiplies their FP8 data.
-Error (`max_rel_error`): the largest output error relative to the largest output, max |C - exact| / max |exact|;
-outputs of zero-mean operands pass near zero, where an elementwise relative error is unbounded.
+The experiment that runs this model on FP8 inputs against the exact product is harness.bench.fp8
+(`accumulation_errors`).
 """
 
 from __future__ import annotations
@@ -26,10 +24,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dsv3ref.fp8.quant import FP8Error, quant_1x128, quant_128x128
+from dsv3ref.fp8.quant import FP8Error
 
 WGMMA_K = 32
-METHODS = ("no-promotion", "promote-128", "fp32")
 
 
 def _floor_log2(t: np.ndarray) -> np.ndarray:
@@ -100,31 +97,3 @@ def fp32_accumulation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     for i in range(a.shape[1]):
         acc += a[:, i, None] * b[None, :, i]  # each product of two e4m3 values is exact in fp32
     return torch.from_numpy(acc.astype(np.float64))
-
-
-def accumulation_inputs(m: int, n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """A [M, K], B [N, K] as float64: the FP8 data of N(0, 1) matrices quantized in 1x128 tiles (A) and 128x128
-    blocks (B), the documented input distribution."""
-    gen = torch.Generator().manual_seed(seed)
-    a = quant_1x128(torch.randn(m, k, generator=gen))[0].double()
-    b = quant_128x128(torch.randn(n, k, generator=gen))[0].double()
-    return a, b
-
-
-def max_rel_error(c: torch.Tensor, exact: torch.Tensor) -> float:
-    """max |c - exact| / max |exact|: the largest error relative to the largest output."""
-    return float((c.double() - exact).abs().max() / exact.abs().max())
-
-
-def accumulation_errors(k: int, mantissa_bits: int = 13, m: int = 32, n: int = 32, seed: int = 0,
-                        align_accumulator: bool = True) -> dict[str, float]:
-    """Max relative error of each method in METHODS against the exact float64 product, at inner dim `k`."""
-    a, b = accumulation_inputs(m, n, k, seed)
-    exact = a @ b.mT  # every partial sum is an integer multiple of 2^-18 below 2^53: exact in float64
-    return {
-        "no-promotion": max_rel_error(emulate_accumulation(a, b, mantissa_bits, None,
-                                                           align_accumulator=align_accumulator), exact),
-        "promote-128": max_rel_error(emulate_accumulation(a, b, mantissa_bits, 128,
-                                                          align_accumulator=align_accumulator), exact),
-        "fp32": max_rel_error(fp32_accumulation(a, b), exact),
-    }

@@ -1,6 +1,7 @@
 """Component `fp8` (protocol `harness.protocols.FP8Impl`): the built-in implementations, `reference` (torch,
-dsv3ref.fp8.quant/gemm) and `triton` (dsv3ref.fp8.triton_kernels: native on CUDA, through the Triton interpreter
-on the CPU).
+dsv3ref.fp8.quant/gemm), `triton` (dsv3ref.fp8.triton_kernels: native on CUDA, through the Triton interpreter
+on the CPU) and `fused` (dsv3ref.fp8.fused: the compiled CPU quantizers, with the reference's dequantizers and
+GEMM).
 """
 
 from __future__ import annotations
@@ -44,6 +45,21 @@ def triton() -> SimpleNamespace:
     return _namespace(triton_kernels)
 
 
+def fused() -> SimpleNamespace:
+    """The compiled CPU quantizers; fails with the reason when they cannot be built here."""
+    import dsv3ref.fp8
+    from dsv3ref.fp8 import fused as kernels
+
+    reason = kernels.unavailable()
+    if reason:
+        raise UsageError(f"fp8/fused: {reason}")
+    return SimpleNamespace(component="fp8", quant_1x128=kernels.quant_1x128, quant_128x128=kernels.quant_128x128,
+                           dequant_1x128=dsv3ref.fp8.dequant_1x128, dequant_128x128=dsv3ref.fp8.dequant_128x128,
+                           fp8_gemm=dsv3ref.fp8.fp8_gemm)
+
+
 register_impl("fp8", "reference", reference, "torch reference quantizers and block-scaled GEMM (dsv3ref.fp8)")
 register_impl("fp8", "triton", triton, "Triton kernels (native on CUDA, the Triton interpreter on the CPU)",
               requires=("triton",))
+register_impl("fp8", "fused", fused, "compiled CPU quantizers (torch.compile), reference dequantizers and GEMM",
+              devices=("cpu",))

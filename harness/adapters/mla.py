@@ -74,22 +74,29 @@ def hf_config(cfg: ModelConfig, attn_implementation: str = "sdpa") -> Any:
     rope_interleave=True makes transformers rotate the official interleaved layout in place, so the official
     weights load unpermuted. transformers applies YaRN (frequencies and mscale) whenever rope_scaling says yarn,
     while the official code does so only when max_seq_len exceeds the original length: a config with YaRN
-    inactive (cfg.yarn_active False) is mapped to plain RoPE.
+    inactive (cfg.yarn_active False) is mapped to plain RoPE (`hf_rope_parameters`).
     """
     from transformers import DeepseekV3Config
 
-    a, r = cfg.attention, cfg.rope
+    a = cfg.attention
+    return DeepseekV3Config(
+        hidden_size=cfg.hidden_size, num_attention_heads=a.num_heads, num_key_value_heads=a.num_heads,
+        q_lora_rank=a.q_lora_rank or None, kv_lora_rank=a.kv_lora_rank, qk_nope_head_dim=a.qk_nope_head_dim,
+        qk_rope_head_dim=a.qk_rope_head_dim, v_head_dim=a.v_head_dim, max_position_embeddings=cfg.max_seq_len,
+        rms_norm_eps=cfg.rms_norm_eps, rope_parameters=hf_rope_parameters(cfg), rope_interleave=True,
+        attention_bias=False, num_hidden_layers=1, attn_implementation=attn_implementation)
+
+
+def hf_rope_parameters(cfg: ModelConfig) -> dict[str, Any]:
+    """transformers' `rope_parameters` for `cfg`: YaRN only when the official code applies it (cfg.yarn_active),
+    plain RoPE otherwise (transformers would apply YaRN whenever it is configured)."""
+    r = cfg.rope
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": r.theta}
     if cfg.yarn_active:
         rope.update(rope_type="yarn", factor=r.factor, beta_fast=r.beta_fast, beta_slow=r.beta_slow,
                     original_max_position_embeddings=r.original_max_position_embeddings, mscale=r.mscale,
                     mscale_all_dim=r.mscale_all_dim)
-    return DeepseekV3Config(
-        hidden_size=cfg.hidden_size, num_attention_heads=a.num_heads, num_key_value_heads=a.num_heads,
-        q_lora_rank=a.q_lora_rank or None, kv_lora_rank=a.kv_lora_rank, qk_nope_head_dim=a.qk_nope_head_dim,
-        qk_rope_head_dim=a.qk_rope_head_dim, v_head_dim=a.v_head_dim, max_position_embeddings=cfg.max_seq_len,
-        rms_norm_eps=cfg.rms_norm_eps, rope_parameters=rope, rope_interleave=True, attention_bias=False,
-        num_hidden_layers=1, attn_implementation=attn_implementation)
+    return rope
 
 
 class HFLayer(nn.Module):

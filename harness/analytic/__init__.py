@@ -1,4 +1,4 @@
-"""The analytic cost model: every formula lives here once; the report, the suites and the gate use it."""
+"""The analytic cost model: every formula lives here once; the report and the suites use it."""
 
 from harness.analytic.flops import fwd_flops_per_token, train_flops_per_token
 from harness.analytic.kv_cache import DTYPE_BYTES, kv_cache_bytes_per_token, kv_cache_bytes_per_token_layer

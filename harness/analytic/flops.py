@@ -7,8 +7,8 @@ for training). Attention adds the score and value products, which depend on how 
 from __future__ import annotations
 
 from dsv3ref.config import MLA_MODES, ConfigError, ModelConfig
-from harness.analytic.kv_cache import DTYPE_BYTES, kv_cache_bytes_per_token_layer
-from harness.analytic.params import attention_params, param_counts
+from harness.analytic.kv_cache import dtype_bytes, kv_cache_bytes_per_token_layer
+from harness.analytic.params import attention_params, param_counts, swiglu_params
 
 TRAIN_METHODS = ("exact", "paper-table2")
 
@@ -44,7 +44,7 @@ def fwd_flops_per_token(cfg: ModelConfig, context: int) -> float:
     return 2.0 * param_counts(cfg).activated_non_embedding + cfg.num_layers * attention_core_flops(cfg, context)
 
 
-# --- MLA (issue 3): forward FLOPs of one attention layer as executed, for FlopCounterMode to match -------------
+# --- One attention layer as executed: forward FLOPs (what FlopCounterMode counts) and decode bytes -------------
 
 
 def attention_matrix_params(cfg: ModelConfig) -> int:
@@ -56,43 +56,68 @@ def attention_matrix_params(cfg: ModelConfig) -> int:
     return attention_params(cfg) - bias
 
 
-def attention_layer_fwd_flops(cfg: ModelConfig, new_tokens: int, cached_tokens: int = 0, batch: int = 1,
-                              mla_mode: str = "absorbed") -> float:
-    """Matmul FLOPs (2mnk per product, what FlopCounterMode counts) of one attention layer's forward over
-    `new_tokens` per sequence appended after `cached_tokens`, for `batch` sequences.
-
-    Projections: 2 x attention_matrix_params per new token; in absorbed MLA the W_UK / W_UV absorption costs per
-    token exactly what the naive decompression through wkv_b does. Attention: each new token scores every key,
-    keys = cached_tokens + new_tokens (entries hidden by the causal mask are computed too):
-      MHA/GQA/MQA and naive MLA: attention_core_flops = 2 x keys x heads x (qk_head_dim + v_head_dim);
-      absorbed MLA: 2 x keys x heads x (kv_lora_rank + qk_rope_head_dim + kv_lora_rank) (scores over [c; k_pe],
-      values are c itself).
-    Norms, RoPE, softmax and bias adds are not matmuls and are not counted.
-    """
-    for name, value, low in (("new_tokens", new_tokens, 1), ("cached_tokens", cached_tokens, 0), ("batch", batch, 1)):
+def _check_counts(**counts: tuple[int, int]) -> None:
+    for name, (value, low) in counts.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ConfigError(f"{name}: expected an integer >= {low}, got {value!r}")
+
+
+def attention_projection_flops(cfg: ModelConfig, tokens: int) -> float:
+    """Matmul FLOPs of one attention layer's projections for `tokens` tokens: 2 x attention_matrix_params each (in
+    absorbed MLA the W_UK / W_UV absorption costs per token exactly what the naive decompression through wkv_b
+    does)."""
+    _check_counts(tokens=(tokens, 0))
+    return 2.0 * attention_matrix_params(cfg) * tokens
+
+
+def attention_score_flops(cfg: ModelConfig, new_tokens: int, cached_tokens: int = 0, batch: int = 1,
+                          mla_mode: str = "absorbed") -> float:
+    """Matmul FLOPs of the scores and the weighted sum of one attention layer: each of `new_tokens` per sequence
+    scores every key, keys = cached_tokens + new_tokens (entries hidden by the causal mask are computed too):
+      MHA/GQA/MQA and naive MLA: attention_core_flops = 2 x keys x heads x (qk_head_dim + v_head_dim);
+      absorbed MLA: 2 x keys x heads x (kv_lora_rank + qk_rope_head_dim + kv_lora_rank) (scores over [c; k_pe],
+      values are c itself)."""
+    _check_counts(new_tokens=(new_tokens, 1), cached_tokens=(cached_tokens, 0), batch=(batch, 1))
     if mla_mode not in MLA_MODES:
         raise ConfigError(f"mla_mode: expected one of {', '.join(MLA_MODES)}, got {mla_mode!r}")
     a, keys = cfg.attention, cached_tokens + new_tokens
     if a.kind == "mla" and mla_mode == "absorbed":
-        attention = 2.0 * keys * a.num_heads * (2 * a.kv_lora_rank + a.qk_rope_head_dim)
+        per_token = 2.0 * keys * a.num_heads * (2 * a.kv_lora_rank + a.qk_rope_head_dim)
     else:
-        attention = attention_core_flops(cfg, keys)
-    return batch * new_tokens * (2.0 * attention_matrix_params(cfg) + attention)
+        per_token = attention_core_flops(cfg, keys)
+    return batch * new_tokens * per_token
+
+
+def attention_layer_fwd_flops(cfg: ModelConfig, new_tokens: int, cached_tokens: int = 0, batch: int = 1,
+                              mla_mode: str = "absorbed") -> float:
+    """Matmul FLOPs (2mnk per product, what FlopCounterMode counts) of one attention layer's forward over
+    `new_tokens` per sequence appended after `cached_tokens`, for `batch` sequences: the projections
+    (attention_projection_flops) plus the scores and weighted sum (attention_score_flops). Norms, RoPE, softmax
+    and bias adds are not matmuls and are not counted."""
+    scores = attention_score_flops(cfg, new_tokens, cached_tokens, batch, mla_mode)
+    return attention_projection_flops(cfg, batch * new_tokens) + scores
+
+
+def attention_weight_bytes(cfg: ModelConfig, dtype: str = "bf16") -> float:
+    """Bytes of one attention layer's weights (attention_params, every one at `dtype`'s width)."""
+    return attention_params(cfg) * dtype_bytes(dtype, "weight dtype")
+
+
+def attention_cache_read_bytes(cfg: ModelConfig, context: int, batch: int = 1, mla_mode: str = "absorbed",
+                               dtype: str = "bf16") -> float:
+    """Cache bytes one decode step of one attention layer reads: per sequence, the rows of its context + 1 tokens
+    (kv_cache_bytes_per_token_layer; the new token's row is written, then read)."""
+    _check_counts(context=(context, 0), batch=(batch, 1))
+    return batch * (context + 1) * kv_cache_bytes_per_token_layer(cfg.attention, dtype, mla_mode)
 
 
 def attention_decode_bytes(cfg: ModelConfig, context: int, batch: int = 1, mla_mode: str = "absorbed",
                            dtype: str = "bf16") -> float:
-    """Bytes one decode step of one attention layer reads at least: every weight once (attention_params) plus, per
-    sequence, the cache rows of its context + 1 tokens (kv_cache_bytes_per_token_layer)."""
-    if isinstance(context, bool) or not isinstance(context, int) or context < 0:
-        raise ConfigError(f"context: expected an integer >= 0, got {context!r}")
-    cache = kv_cache_bytes_per_token_layer(cfg.attention, dtype, mla_mode)
-    return attention_params(cfg) * DTYPE_BYTES[dtype] + batch * (context + 1) * cache
+    """Bytes one decode step of one attention layer reads at least: every weight once plus the cache rows."""
+    return attention_weight_bytes(cfg, dtype) + attention_cache_read_bytes(cfg, context, batch, mla_mode, dtype)
 
 
-# --- MoE (issue 4) ---------------------------------------------------------------------------------------------
+# --- One DeepSeekMoE layer -------------------------------------------------------------------------------------
 def moe_layer_fwd_flops_per_token(cfg: ModelConfig) -> float:
     """Forward FLOPs per token of one DeepSeekMoE layer, matmuls only (what FlopCounterMode counts): the router
     logits (2 D E) plus three D x I matmuls for each of the k routed and the shared experts."""
@@ -103,7 +128,25 @@ def moe_layer_fwd_flops_per_token(cfg: ModelConfig) -> float:
                                                                                + m.n_shared_experts)
 
 
-# --- FP8 (issue 5) ---------------------------------------------------------------------------------------------
+# --- the assembled model -------------------------------------------------------------------------------------
+def model_fwd_flops(cfg: ModelConfig, new_tokens: int, cached_tokens: int = 0, batch: int = 1,
+                    mla_mode: str = "absorbed", logits: str = "last") -> float:
+    """Matmul FLOPs of one forward of the whole model (what FlopCounterMode counts): `new_tokens` per sequence
+    after `cached_tokens`, for `batch` sequences. Every layer's attention (attention_layer_fwd_flops), the dense
+    SwiGLU FFN of the first layers (2 x swiglu_params per token), the MoE layers (moe_layer_fwd_flops_per_token)
+    and the head (2 V D) at each sequence's last position (`logits="last"`, cached decoding) or at every
+    position ("all", a scoring pass)."""
+    if logits not in ("last", "all"):
+        raise ConfigError(f"logits: expected 'last' or 'all', got {logits!r}")
+    tokens = batch * new_tokens
+    total = cfg.num_layers * attention_layer_fwd_flops(cfg, new_tokens, cached_tokens, batch, mla_mode)
+    total += cfg.num_dense_layers * 2.0 * swiglu_params(cfg, cfg.intermediate_size) * tokens
+    if cfg.num_moe_layers:
+        total += cfg.num_moe_layers * moe_layer_fwd_flops_per_token(cfg) * tokens
+    return total + 2.0 * cfg.vocab_size * cfg.hidden_size * (tokens if logits == "all" else batch)
+
+
+# --- GEMMs, quantizers and tiled number formats ----------------------------------------------------------------
 def gemm_flops(m: int, n: int, k: int) -> float:
     """FLOPs of an [M, K] x [K, N] matmul: 2 M N K (a multiply and an add per product)."""
     return 2.0 * m * n * k

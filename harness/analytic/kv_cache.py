@@ -9,9 +9,10 @@ FP8_SCALE_BYTES = 4  # one fp32 dequantisation scale per token of an FP8 latent 
 FP8_ROPE_KEY_DTYPE = "bf16"  # the FP8 latent cache keeps the small roped key in BF16
 
 
-def _dtype_bytes(dtype: str) -> int:
+def dtype_bytes(dtype: str, what: str = "cache dtype") -> int:
+    """Bytes per element of a dtype name (fp32, bf16, fp16, fp8); `what` names the argument in the error."""
     if dtype not in DTYPE_BYTES:
-        raise ConfigError(f"cache dtype: expected one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
+        raise ConfigError(f"{what}: expected one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
     return DTYPE_BYTES[dtype]
 
 
@@ -23,7 +24,7 @@ def kv_cache_bytes_per_token_layer(att: AttentionConfig, dtype: str = "bf16", ml
       "fp8" the latent is e4m3 with one fp32 scale per token and k^R stays BF16 (dsv3ref.kv_cache.LatentCache).
     MLA naive: per-head K (nope + rope) and V, num_heads * (qk_head_dim + v_head_dim) -- the MHA-sized cache.
     """
-    width = _dtype_bytes(dtype)
+    width = dtype_bytes(dtype)
     if att.kind != "mla":
         return 2 * att.num_kv_heads * att.head_dim * width
     if mla_mode == "absorbed" and dtype == "fp8":

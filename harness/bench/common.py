@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 from hardware.profile import Profile
 from hardware.timing import Timing, paired_ratio, round_ratios
@@ -46,6 +50,29 @@ def materialise_(module: nn.Module, device: str, dtype: torch.dtype, seed: int |
     return module
 
 
+class FlopCount(TorchDispatchMode):
+    """Counts the FLOPs of what runs inside by torch.utils.flop_counter's registered formulas, as FlopCounterMode
+    does (tests check they agree), without its module tracking and its first-use import of torch._dynamo (seconds
+    on a CPU: the quick report's budget). `total` after the block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 (torch's signature)
+        kwargs = kwargs or {}
+        if func is not torch.ops.prim.device.default:  # as FlopCounterMode: count what an op decomposes into
+            with self:
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out
+
+
 def conditions(device: str) -> dict[str, Any]:
     """The conditions a measurement ran under, kept in every measured record: device, torch threads and the
     1-minute load average (other jobs on the machine slow a measurement; compare runs by it)."""
@@ -73,3 +100,15 @@ def working_dtype(local: Profile) -> torch.dtype:
 def dtype_name(dtype: torch.dtype) -> str:
     """bf16, fp32, ... as the records write a dtype."""
     return {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16", torch.float64: "fp64"}[dtype]
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to `n` for a block, then restored: arithmetic on small tensors (the analytic
+    tables' routing and traffic) runs ~10x faster on one thread than through a pool contended by other jobs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

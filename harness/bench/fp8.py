@@ -10,14 +10,16 @@ from typing import Any
 import torch
 
 from dsv3ref.fp8 import logfmt
-from dsv3ref.fp8.accumulation import METHODS, WGMMA_K, accumulation_errors
+from dsv3ref.fp8.accumulation import WGMMA_K, emulate_accumulation, fp32_accumulation
+from dsv3ref.fp8.quant import quant_1x128, quant_128x128
 from hardware.profile import Profile
 from hardware.roofline import achieved_fraction_of_bandwidth
 from hardware.timing import Timing, time_interleaved
 from harness import paper
 from harness.analytic.flops import fp8_quant_bytes, gemm_flops, tiled_format_bits
 from harness.bench.common import conditions, speedup_record
-from harness.registry import implementations
+from harness.numerics import max_rel_err
+from harness.registry import UsageError, implementations
 from harness.results import Record
 
 LOGFMT_SHAPE = (256, 1024)  # tokens x hidden of the synthetic activations
@@ -27,6 +29,7 @@ ACCUM_KS = (512, 1024, 2048, 4096, 8192)
 ACCUM_BITS = (13, 14)
 PAPER_K = 4096
 SPREAD_SEEDS = (0, 1, 2)
+METHODS = ("no-promotion", "promote-128", "fp32")
 HIDDEN = 7168
 QUANT_ROWS = {"cpu": 1024, "cuda": 16384}  # rows of a [rows, 7168] bf16 activation
 GEMM_M = {"cpu": 64, "cuda": 4096}
@@ -41,6 +44,30 @@ def logfmt_records() -> list[Record]:
                    extra={"bits_per_element": FORMAT_BITS[fmt], "tokens": LOGFMT_SHAPE[0], "hidden": LOGFMT_SHAPE[1],
                           "data": "activation_like(seed=0)"})
             for fmt in logfmt.FORMATS]
+
+
+def accumulation_inputs(m: int, n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A [M, K], B [N, K] as float64: the FP8 data of N(0, 1) matrices quantized in 1x128 tiles (A) and 128x128
+    blocks (B): a random GEMM as DeepGEMM's tests build it (the papers name no input distribution)."""
+    gen = torch.Generator().manual_seed(seed)
+    a = quant_1x128(torch.randn(m, k, generator=gen))[0].double()
+    b = quant_128x128(torch.randn(n, k, generator=gen))[0].double()
+    return a, b
+
+
+def accumulation_errors(k: int, mantissa_bits: int = 13, m: int = 32, n: int = 32, seed: int = 0,
+                        align_accumulator: bool = True) -> dict[str, float]:
+    """max_rel_err (max |C - exact| / max |exact|: outputs of zero-mean operands pass near zero, where an
+    elementwise relative error is unbounded) of each method in METHODS against the exact product, at inner dim k."""
+    a, b = accumulation_inputs(m, n, k, seed)
+    exact = a @ b.mT  # every partial sum is an integer multiple of 2^-18 below 2^53: exact in float64
+    return {
+        "no-promotion": max_rel_err(emulate_accumulation(a, b, mantissa_bits, None,
+                                                         align_accumulator=align_accumulator), exact),
+        "promote-128": max_rel_err(emulate_accumulation(a, b, mantissa_bits, 128,
+                                                        align_accumulator=align_accumulator), exact),
+        "fp32": max_rel_err(fp32_accumulation(a, b), exact),
+    }
 
 
 def accumulation_records(k: int, bits: int) -> list[Record]:
@@ -104,8 +131,15 @@ def gemm_record(name: str, m: int, n: int, k: int, timings: dict[str, Timing], d
                           unit="ratio")
 
 
-def bench_impls(device: str) -> list[tuple[str, Any]]:
-    """The registered fp8 implementations worth timing here: all on CUDA; on the CPU only the torch reference
-    (the Triton interpreter is a correctness tool, not a performance path)."""
-    return [(impl.name, impl.create()) for impl in implementations("fp8")
-            if not impl.missing() and (device == "cuda" or impl.name == "reference")]
+def bench_impls(device: str) -> tuple[list[tuple[str, Any]], list[str]]:
+    """The registered fp8 implementations worth timing here (those for the device; on the CPU without the Triton
+    interpreter, a correctness tool, not a performance path), and why others that could be could not run."""
+    ready, skipped = [], []
+    for impl in implementations("fp8"):
+        if impl.missing() or device not in impl.devices or (device == "cpu" and impl.name == "triton"):
+            continue
+        try:
+            ready.append((impl.name, impl.create()))
+        except UsageError as e:
+            skipped.append(str(e))
+    return ready, skipped

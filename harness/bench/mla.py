@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from baselines.attention import Attention
 from dsv3ref.config import MLA_MODES, ModelConfig
@@ -24,7 +23,7 @@ from hardware.timing import Timing, time_interleaved
 from harness import paper
 from harness.analytic.flops import attention_decode_bytes, attention_layer_fwd_flops
 from harness.analytic.kv_cache import kv_cache_bytes_per_token
-from harness.bench.common import conditions, dtype_name, materialise_, speedup_record
+from harness.bench.common import FlopCount, conditions, dtype_name, materialise_, speedup_record
 from harness.numerics import calc_diff
 from harness.results import Record
 
@@ -97,20 +96,26 @@ class LayerMeasurement:
 
 
 def _counted_flops(layer: nn.Module, x: torch.Tensor, start: int, cache: Any) -> int:
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), FlopCount() as counter:
         out = layer(x, start, cache)
     if not bool(torch.isfinite(out).all()):
         raise RuntimeError("a real-dimension layer produced non-finite output")
-    return counter.get_total_flops()
+    return counter.total
 
 
-def measure_layer(cfg: ModelConfig, mode: str, device: str) -> LayerMeasurement:
+def measure_layers(cfg: ModelConfig, device: str) -> list[LayerMeasurement]:
+    """`measure_layer` in every mode of `measured_modes(cfg)`, the modes sharing one set of zero weights."""
+    state = real_layer(cfg, "absorbed", torch.float32, device, seed=None).state_dict()
+    return [measure_layer(load_layer(cfg, state, mode), mode) for mode in measured_modes(cfg)]
+
+
+def measure_layer(layer: nn.Module, mode: str) -> LayerMeasurement:
     """Count what one real-dimension layer does: prefill FLOP_PREFILL tokens into a BF16 cache sized for them (its
     nbytes / slots is the measured size; the prefill FLOPs are counted), then count one decode step after
-    FLOP_CONTEXT cached tokens (both capped by max_seq_len). The layer holds zero weights and computes in fp32:
-    a count depends on neither values nor the compute dtype, and CPUs without native BF16 run fp32 matmuls
-    faster (the cache is BF16, as the table says)."""
-    layer = real_layer(cfg, mode, torch.float32, device, seed=None)
+    FLOP_CONTEXT cached tokens (both capped by max_seq_len). The layer (`measure_layers`) holds zero weights and
+    computes in fp32: a count depends on neither values nor the compute dtype, and CPUs without native BF16 run
+    fp32 matmuls faster (the cache is BF16, as the table says)."""
+    cfg, device = layer.cfg, layer.wo.weight.device
     tokens, context = min(FLOP_PREFILL, cfg.max_seq_len), min(FLOP_CONTEXT, cfg.max_seq_len - 1)
     x = torch.randn(1, tokens, cfg.hidden_size, device=device)
     cache = layer.new_cache(1, tokens, dtype=torch.bfloat16)

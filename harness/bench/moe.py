@@ -3,7 +3,7 @@ layer's speed, grouped vs the per-expert loop vs transformers' DeepseekV3MoE, wi
 
 The quick count builds one MoE layer on the meta device, materialises the router and shared experts, routes real
 tokens, materialises only the experts they select, and records which parameters the forward passes to torch
-functions (a TorchFunctionMode) and how many matmul FLOPs it runs (FlopCounterMode).
+functions (a TorchFunctionMode) and how many matmul FLOPs it runs (`FlopCount`: FlopCounterMode's formulas).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils.flop_counter import FlopCounterMode
 
 from dsv3ref.config import ModelConfig, MoEConfig
 from dsv3ref.moe import MoE
@@ -26,7 +25,7 @@ from hardware.probe import matmul_case
 from hardware.timing import Timing, round_ratios
 from harness.analytic.flops import moe_layer_fwd_flops_per_token
 from harness.analytic.params import param_counts
-from harness.bench.common import conditions, dtype_name, speedup_record
+from harness.bench.common import FlopCount, conditions, dtype_name, speedup_record
 from harness.results import Record
 
 # The speed benchmark's default layer: mid-size, V3-style routing (sigmoid, bias, 8 groups / 4), one shared expert.
@@ -78,7 +77,7 @@ class LayerCount:
     """Per-token counts of one real-dimension MoE layer's forward."""
 
     params: int  # parameters the forward of one token touched
-    flops: float  # matmul FLOPs FlopCounterMode counted for one token
+    flops: float  # matmul FLOPs counted for one token (FlopCount)
     tokens: int  # tokens measured (each on its own; all gave the same counts)
     experts_built: int  # routed experts materialised (the others stayed on the meta device)
 
@@ -110,9 +109,9 @@ def count_moe_layer(cfg: ModelConfig, tokens: int = COUNT_TOKENS, seed: int = 0)
         layer.experts[e].to_empty(device="cpu").apply(_zero)
     counts = set()
     for t in range(tokens):
-        with torch.no_grad(), TouchedParameters() as touched, FlopCounterMode(display=False) as flops:
+        with torch.no_grad(), TouchedParameters() as touched, FlopCount() as flops:
             layer(x[t:t + 1])
-        counts.add((touched.count, flops.get_total_flops()))
+        counts.add((touched.count, flops.total))
     if len(counts) != 1:
         raise RuntimeError(f"{cfg.name}: tokens touched different parameter or FLOP counts: {sorted(counts)}")
     params, total = counts.pop()
@@ -135,7 +134,7 @@ def count_records(cfg: ModelConfig, layer: LayerCount, paper_value: float | None
     return [Record("params_activated", cfg.name, non_moe_activated(cfg) + cfg.num_moe_layers * layer.params,
                    "count", kind="measured", paper=paper_value, method="touched-by-forward", extra=extra),
             Record("fwd_gflops_per_token", subject, layer.flops / 1e9, "GFLOP", kind="measured",
-                   method="FlopCounterMode", extra={"tokens": layer.tokens, **conditions("cpu")}),
+                   method="flop_counter-formulas", extra={"tokens": layer.tokens, **conditions("cpu")}),
             Record("fwd_gflops_per_token", subject, moe_layer_fwd_flops_per_token(cfg) / 1e9, "GFLOP",
                    kind="analytic", method="moe_layer_fwd_flops_per_token")]
 

@@ -2,8 +2,9 @@
 
 quick  `fp8_formats`: LogFMT-8/10 round trip against E4M3, E5M2 and BF16 on activation-like data.
 full   `fp8`: the accumulation-precision table (limited tensor-core accumulator with and without promotion to
-       FP32 every 128 elements), the quantizer bandwidth and block-scaled GEMM throughput on this machine, and the
-       FP8-vs-BF16 training experiment with its data-order noise floor. Workloads: harness.bench.fp8 and
+       FP32 every 128 elements), the quantizer bandwidth and block-scaled GEMM throughput on this machine (the
+       reference and the compiled CPU quantizers), and the FP8-vs-BF16 training experiment (signed gap, 95%
+       interval, data-order noise floor, step-time ratio; its `report` budget). Workloads: harness.bench.fp8 and
        harness.experiments.fp8_training.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from dsv3ref.fp8.accumulation import accumulation_errors
+from dsv3ref.fp8 import fused
 from harness import paper
 from harness.bench import fp8 as bench
 from harness.experiments import fp8_training
@@ -44,7 +45,7 @@ def accumulation_table(ctx: ReportContext) -> Table:
             rows.append([k, bits, f"{e['no-promotion']:.2e}", f"{e['promote-128']:.2e}", f"{e['fp32']:.2e}",
                          num(e["no-promotion"] / e["promote-128"], 0) + "x"])
     spread = {bits: bench.accumulation_spread(bits) for bits in bench.ACCUM_BITS}
-    alt = {bits: accumulation_errors(bench.PAPER_K, bits, align_accumulator=False) for bits in bench.ACCUM_BITS}
+    alt = {bits: bench.accumulation_errors(bench.PAPER_K, bits, align_accumulator=False) for bits in bench.ACCUM_BITS}
     notes = [
         "accumulator model: exact FP8 products, 32 per step (one WGMMA); each step aligns the 32 products and the "
         "running sum to their largest exponent by a sign-filling right shift that keeps `mantissa bits` fraction "
@@ -70,7 +71,8 @@ def accumulation_table(ctx: ReportContext) -> Table:
 def kernel_table(ctx: ReportContext) -> Table:
     rows, records = [], []
     rows_q = bench.QUANT_ROWS[ctx.device]
-    for name, impl in bench.bench_impls(ctx.device):
+    impls, skipped = bench.bench_impls(ctx.device)
+    for name, impl in impls:
         ctx.progress(f"fp8 kernels: {name}")
         kernels = bench.KernelBench(impl, ctx.device)
         for layout, (moved, timing) in kernels.quant(rows_q).items():
@@ -88,36 +90,19 @@ def kernel_table(ctx: ReportContext) -> Table:
     notes = [f"bandwidth fraction: (read bf16 + write FP8 + fp32 scales) / median time over the local profile's "
              f"measured {ctx.local.hbm_bandwidth_GBps:,.1f} GB/s; {torch.get_num_threads()} threads",
              "vs bf16: median over rounds of a BF16 matmul of the same operands over the FP8 GEMM, timed side by "
-             "side; on the CPU the reference GEMM runs as fp32 matmuls per 128-wide K block"]
+             "side; on the CPU the reference GEMM runs as fp32 matmuls per 128-wide K block (fused shares it)",
+             "fused: the quantizers compiled by torch.compile (dsv3ref.fp8.fused), one pass per tile; "
+             + ", ".join(f"{k} built in {v:.1f} s" for k, v in fused.compile_seconds().items()), *skipped]
     return Table("FP8 kernels on this machine", ["impl", "operation", "median ms", "throughput", "of bandwidth",
                                                  "vs bf16 matmul"], rows, records, notes)
 
 
-def training_table(ctx: ReportContext) -> Table:
-    mode, cfg = fp8_training.experiment_mode(), fp8_training.experiment_config()
-    results = fp8_training.fp8_vs_bf16(mode, cfg, progress=ctx.progress)
-    records = fp8_training.gap_records(results, mode, cfg)
-    rows = [[r.seed, f"{r.bf16:.4f}", f"{r.fp8:.4f}", f"{r.bf16_other_order:.4f}", f"{r.fp8_gap:.3%}",
-             f"{r.noise_gap:.3%}"] for r in results]
-    rows.append(["mean", "", "", "", f"{records[0].value:.3f}%", f"{records[1].value:.3f}%"])
-    a, moe = cfg.attention, cfg.moe
-    budgets = "; ".join(f"{m} = {s} steps x {len(sd)} seeds" for m, (s, sd) in fp8_training.BUDGETS.items())
-    notes = [f"model {cfg.name}: hidden {cfg.hidden_size}, {cfg.num_layers} layers ({cfg.num_dense_layers} dense, "
-             f"{cfg.num_moe_layers} MoE), MLA {a.num_heads} heads q/kv rank {a.q_lora_rank}/{a.kv_lora_rank}, "
-             f"{moe.n_routed_experts} routed experts top-{moe.num_experts_per_tok} + {moe.n_shared_experts} shared; "
-             "byte tokens of the Python standard library, validation = files by path hash",
-             f"mode {mode}: {budgets} (DSV3_FP8_THOROUGH=1 selects thorough); batch 8 x 128 bytes, AdamW lr 3e-3 "
-             "cosine, fp32 master weights; routing biases follow the auxiliary-loss-free update (gamma 0.001)",
-             "BF16 and FP8 runs share init and data order and the same projections (attention, FFN, experts) in "
-             "fp32-accumulated GEMMs with BF16 resp. FP8 (1x128 / 128x128) operands; embedding, head, router, "
-             "norms and the attention core stay in BF16 autocast; the noise floor is BF16 with another data order"]
-    ref = paper.ref("fp8_rel_loss_gap", "fp8-vs-bf16")
-    if ref:
-        notes.append(f"paper ({ref.source}): {ref.note}")
-    return Table("FP8 vs BF16 training: final validation loss", ["seed", "bf16", "fp8", "bf16 (other order)",
-                                                                  "fp8 gap", "bf16 noise"], rows, records, notes)
+def training_tables(ctx: ReportContext) -> list[Table]:
+    """The FP8-vs-BF16 training experiment at the `report` budget, on the report's device."""
+    budget = fp8_training.with_overrides(fp8_training.BUDGETS["report"], device=ctx.device)
+    return fp8_training.tables(fp8_training.run_experiment(budget, progress=ctx.progress))
 
 
 @section("fp8", "FP8 fine-grained mixed precision", order=66, quick=False)
 def run(ctx: ReportContext) -> list[Table]:
-    return [accumulation_table(ctx), kernel_table(ctx), training_table(ctx)]
+    return [accumulation_table(ctx), kernel_table(ctx), *training_tables(ctx)]

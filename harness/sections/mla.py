@@ -17,8 +17,8 @@ from harness.report_sections import ReportContext, Table, section
 def run_quick(ctx: ReportContext) -> list[Table]:
     measured = []
     for cfg in ctx.models:
-        ctx.progress(f"mla: one real-dimension {cfg.name} attention layer (live cache, FlopCounterMode)")
-        measured += [bench.measure_layer(cfg, mode, ctx.device) for mode in bench.measured_modes(cfg)]
+        ctx.progress(f"mla: one real-dimension {cfg.name} attention layer (live cache, FLOP count)")
+        measured += bench.measure_layers(cfg, ctx.device)
     return [_cache_table(measured), _flops_table(measured)]
 
 
@@ -46,10 +46,12 @@ def _flops_table(measured: list[bench.LayerMeasurement]) -> Table:
             rows.append([m.cfg.name, m.method, counted.extra["phase"], counted.extra["context"],
                          num(counted.value, 4), num(analytic.value, 4),
                          "yes" if counted.value == analytic.value else "NO"])
-    headers = ["model", "layer", "phase", "context", "GFLOP/token (FlopCounterMode)", "analytic", "equal"]
+    headers = ["model", "layer", "phase", "context", "GFLOP/token (counted)", "analytic", "equal"]
     notes = [f"one attention layer (zero weights, fp32 compute, BF16 cache: a count depends on neither); prefill of "
              f"{bench.FLOP_PREFILL} tokens from position 0, decode of one token after {bench.FLOP_CONTEXT} cached "
-             "(fewer when max_seq_len is shorter); analytic: harness.analytic.flops.attention_layer_fwd_flops",
+             "(fewer when max_seq_len is shorter); counted with torch.utils.flop_counter's formulas "
+             "(harness.bench.common.FlopCount, equal to FlopCounterMode); analytic: "
+             "harness.analytic.flops.attention_layer_fwd_flops",
              "absorbed MLA scores [c; k_pe] and sums c (2 x kv_lora_rank + rope FLOPs per key and head) instead of "
              "per-head K/V (qk_head_dim + v_head_dim): more FLOPs per cached token, 1/71 of the cache bytes"]
     return Table("Attention layer forward FLOPs, counted vs analytic", headers, rows, records, notes)

@@ -48,8 +48,8 @@ def run_quick(ctx: ReportContext) -> list[Table]:
              "stay on the meta device, so a forward touching them would fail",
              "activated (measured) = MoE layers x measured layer count + embedding, head, attention, dense FFN and "
              "norms from harness.analytic.params (the formula, not measured)",
-             "GFLOP/token: torch.utils.flop_counter.FlopCounterMode over the same forward (matmuls, 2mnk); analytic: "
-             "2 D E (router) + 6 D I (k + shared)"]
+             "GFLOP/token: counted over the same forward with torch.utils.flop_counter's formulas (matmuls, 2mnk); "
+             "analytic: 2 D E (router) + 6 D I (k + shared)"]
     if no_moe_layer:
         notes.append(f"no MoE layer (moe.first_k_dense_replace = num_layers), nothing to count: "
                      f"{', '.join(no_moe_layer)}")

@@ -5,15 +5,15 @@ explicit per-head K = [W_UK c ; RoPE(k_pe)] and V = W_UV c, complex-pair RoPE, a
 implementation is checked against it, and its cache paths (decode, chunked prefill, rows of different lengths,
 paged blocks, NaN isolation) against its own full pass.
 
-Tolerances (DESIGN.md numerics policy): float64 identities to 1e-10 relative (norm of the difference over the norm
-of the truth); working dtypes by the flash-attention rule: the implementation's error against the fp64 truth is at
-most FA_FACTOR times the error of a plain low-precision reference (the truth's own formula run in that dtype);
-the FP8 latent cache by the same rule against the fp64 formula with a per-token e4m3 latent. Every cache property
-runs twice: in float64 against the implementation's own full pass (unless it declares `fp64_exact` not
-applicable) and in its working dtype (`working_dtype`, default bf16) against the truth by the flash-attention
-rule (plus the rounding of the truth itself), so that a bf16-only kernel takes part in every cache test. The paged
-cache is also observed directly (`paged_pool`): token p of row b must sit in block block_table[b, p // block_size],
-and unused blocks must keep the poison the suite filled them with.
+Tolerances (the numerics policy, docs/contributing.md): float64 identities to 1e-10 relative (norm of the difference
+over the norm of the truth); working dtypes by the flash-attention rule: the implementation's error against the fp64
+truth is at most FA_FACTOR times the error of a plain low-precision reference (the truth's own formula run in that
+dtype); the FP8 latent cache by the same rule against the fp64 formula with a per-token e4m3 latent. Every cache
+property runs twice: in float64 against the implementation's own full pass (unless it declares `fp64_exact` not
+applicable) and in its working dtype (`working_dtype`, default bf16) against the truth by the flash-attention rule
+(plus the rounding of the truth itself), so that a bf16-only kernel takes part in every cache test. The paged cache
+is also observed directly (`paged_pool`): token p of row b must sit in block block_table[b, p // block_size], and
+unused blocks must keep the poison the suite filled them with.
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+from dsv3ref.comms.dispatch import dispatch_layout
 from dsv3ref.config import ModelConfig, MoEConfig
-from dsv3ref.dispatch import dispatch_layout
 from harness.cases import CONFIG_IMPORT, config_line, rebuild
 from harness.cases.moe import IMPORTS, bf16_case, moe_state, moe_tokens, tiny_scores
 from harness.numerics import F64_IDENTITY_RTOL, max_rel_err
