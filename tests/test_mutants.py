@@ -32,6 +32,9 @@ MUTANTS = [  # (factory, -k expression, the property that must fail, variants th
      "mla/test_working_dtype_error_at_v3_head_widths", None),
     ("mla:bf16_only_forgetful_cache", "test_prefill_then_decode_equals_full_pass",
      "mla/test_prefill_then_decode_equals_full_pass", {"fp64": "n/a", "working": "fail"}),
+    ("model:cache_never_read", "test_prefill_then_decode_equals_full_pass",
+     "model/test_prefill_then_decode_equals_full_pass", None),
+    ("ep:averaging_combine", "test_combine_sums_each_tokens_copies", "ep/test_combine_sums_each_tokens_copies", None),
 ]
 
 
