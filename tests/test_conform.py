@@ -298,3 +298,26 @@ def test_a_cell_shows_its_worst_variant(statuses, cell):
     built = matrix.build(run)
     assert built.rows == ["moe/test_x"] and built.cells[("moe/test_x", "mine")].status == cell
     assert built.failed == (cell in ("fail", "error"))
+
+
+def _worked_example() -> str:
+    """`mykernels.py` of the worked example in docs/conformance.md: the python block that defines make_fp8."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "conformance.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
+    return next(b for b in blocks if "def make_fp8" in b)
+
+
+def test_the_worked_example_of_the_docs_conforms_and_its_bf16_variant_fails(user_dir, capsys):
+    root, name = user_dir
+    source = _worked_example()
+    (root / f"{name}.py").write_text(source)
+    bf16 = source.replace("device=a.device)", "device=a.device, dtype=torch.bfloat16)")
+    assert bf16 != source
+    (root / f"{name}_bf16.py").write_text(bf16)
+    code, out, _ = run_conform(capsys, "--impl", f"{name}:make_fp8", "--format", "json")
+    doc = json.loads(out)
+    assert code == 0 and doc["verdict"] == "pass", doc["summary"]
+    assert {c["status"] for c in doc["cells"]} == {"pass", "n/a"}
+    code, out, _ = run_conform(capsys, "--impl", f"{name}_bf16:make_fp8", "-k", "gemm", "--format", "json")
+    cell = next(c for c in json.loads(out)["cells"] if c["property"] == "fp8/test_gemm_within_fp32_summation_bound")
+    assert code == 1 and cell["status"] == "fail" and cell["rebuild"].startswith("Rebuild this case:"), cell
