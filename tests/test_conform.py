@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -321,3 +323,15 @@ def test_the_worked_example_of_the_docs_conforms_and_its_bf16_variant_fails(user
     code, out, _ = run_conform(capsys, "--impl", f"{name}_bf16:make_fp8", "-k", "gemm", "--format", "json")
     cell = next(c for c in json.loads(out)["cells"] if c["property"] == "fp8/test_gemm_within_fp32_summation_bound")
     assert code == 1 and cell["status"] == "fail" and cell["rebuild"].startswith("Rebuild this case:"), cell
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_the_triton_kernels_conform_from_a_fresh_dsv3_process(tmp_path):
+    # In a fresh process (this one set TRITON_INTERPRET long ago): a subcommand module imports triton through torch
+    # before the suites run, which used to leave Triton compiling instead of interpreting on a CPU-only machine.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "harness.cli", "conform", "--impl", "triton", "-k",
+                           "quant_1x128_bitwise", "--format", "json"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert {c["status"] for c in json.loads(done.stdout)["cells"]} == {"pass"}
