@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
+
 SCHEMA = "dsv3-results/1"
 KINDS = ("analytic", "measured")
 REQUIRED = ("metric", "subject", "profile", "kind", "value", "unit", "paper", "method")
@@ -127,8 +129,11 @@ def read_document(path: str | Path) -> dict[str, Any]:
 
 
 def append_records(path: str | Path, records: list[Record], env: dict[str, Any]) -> None:
-    """Append records to the document at `path` (created if absent), atomically."""
+    """Append records to the document at `path` (created if absent), atomically, under a lock file beside it
+    (`.NAME.lock`), so that concurrent writers (separate sessions on one results file) lose no records."""
     path = Path(path)
-    doc = read_document(path) if path.exists() else document([], env)
-    doc["results"].extend(r.to_dict() for r in records)
-    write_atomic(path, json.dumps(doc, indent=2) + "\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(path.with_name(f".{path.name}.lock")):
+        doc = read_document(path) if path.exists() else document([], env)
+        doc["results"].extend(r.to_dict() for r in records)
+        write_atomic(path, json.dumps(doc, indent=2) + "\n")
