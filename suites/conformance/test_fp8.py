@@ -367,13 +367,20 @@ def fp32_gemm_bound(k: int, magnitude: torch.Tensor, exact: torch.Tensor, out: t
     return accumulated + OUT_ROUNDOFF[out] * (exact.abs() + accumulated)
 
 
+def _blocks_dim(blocks: int) -> st.SearchStrategy[int]:
+    """A dimension of 1..`blocks` 128-wide blocks, the last one partial or full. The block count is drawn first, so
+    that multi-block shapes, where a scale grid's layout shows (a transposed [N/128, K/128] grid is invisible while
+    N or K <= 128), come up in a few examples, not only where a uniform draw over the length happens to land."""
+    return st.builds(lambda b, r: (b - 1) * 128 + r, st.integers(1, blocks), st.integers(1, 128))
+
+
 @st.composite
 def gemm_cases(draw: st.DrawFn, aligned: bool, row_b: bool) -> tuple[GemmOperands, str]:
     """Operands with a different magnitude per tile/block, and the output dtype; multiples of 128 when `aligned`."""
     with_rows = draw(st.booleans()) if row_b else False
     multiples = st.sampled_from([128, 256, 384])
-    n = draw(multiples if aligned and not with_rows else st.integers(1, 300))
-    k = draw(st.sampled_from([128, 256, 384, 512]) if aligned else st.integers(1, 600))
+    n = draw(multiples if aligned and not with_rows else _blocks_dim(3))
+    k = draw(st.sampled_from([128, 256, 384, 512]) if aligned else _blocks_dim(5))
     spec = GemmOperands(draw(st.integers(1, 40)), n, k, draw(seeds), with_rows)
     return spec, draw(st.sampled_from(["fp32", "bf16"]))
 
