@@ -66,7 +66,7 @@ class Budget:
     model: str = "dsv3-tiny-fp8"  # the preset trained unless run_experiment is given a config
     seeds: int = 5
     first_seed: int = 0  # seeds first_seed, first_seed + 1, ... (shards of one experiment on several machines)
-    steps: int = 140
+    steps: int = 120
     batch_size: int = 8
     seq_len: int = 128
     lr: float = 3e-3
@@ -135,7 +135,7 @@ class Budget:
 
 BUDGETS = {
     # dsv3 report --full: sized from the step times of dsv3-tiny-fp8 at 1 and 2 threads to take about 7 minutes on
-    # 2 idle cores, a cold kernel build included (docs/fp8.md#budgets-and-commands)
+    # 2 idle cores, a cold kernel build included, and the whole fp8 section about 8 (docs/fp8.md#budgets-and-commands)
     "report": Budget(),
     # dsv3 experiment fp8-training: 8 seeds, 4x the tokens per step, 1.2M tokens per run, the whole validation split;
     # hours on a CPU; scale it with --model dsv3-small-fp8 --steps ... --device cuda
