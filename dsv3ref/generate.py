@@ -54,13 +54,20 @@ def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator 
         raise GenerateError(f"logits: expected a [batch, vocab] tensor, got shape {tuple(logits.shape)}")
     if sampling.temperature == 0:
         return logits.argmax(dim=-1)
+    return torch.multinomial(sampling_probs(logits, sampling), 1, generator=generator).squeeze(-1)
+
+
+def sampling_probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """The distribution [..., V] (fp32) tokens are drawn from when sampling (temperature > 0): softmax of
+    logits / temperature, restricted to the top_p nucleus and renormalised."""
     probs = (logits.float() / sampling.temperature).softmax(dim=-1)
     if sampling.top_p < 1:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         before = sorted_p.cumsum(dim=-1) - sorted_p  # mass of the more likely tokens
         sorted_p = sorted_p.masked_fill(before >= sampling.top_p, 0.0)  # the first token always stays
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
 
 
 @dataclass(frozen=True)

@@ -221,6 +221,33 @@ class Trainer:
         self.steps_done += 1
         return loss.item()
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """What a resumed run needs besides the model's weights: AdamW's moments and step per parameter (by the
+        model's parameter names), the data generator's state, the steps done."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        out = {"trainer.steps_done": torch.tensor(self.steps_done), "trainer.data_rng": self.generator.get_state()}
+        for p, st in self.opt.state.items():
+            out.update({f"optim.{names[id(p)]}.{k}": v.detach().cpu() for k, v in st.items()})
+        return out
+
+    def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore `state_tensors()` of a run of the same model and settings (the weights are loaded apart)."""
+        params = dict(self.model.named_parameters())
+        optim = {k: v for k, v in state.items() if k.startswith("optim.")}
+        unknown = sorted({k[len("optim."):].rpartition(".")[0] for k in optim} - set(params))
+        if unknown or "trainer.steps_done" not in state or "trainer.data_rng" not in state:
+            raise TrainError(f"{self.cfg.name}: resume state: expected the optimizer state of this model and the "
+                             f"trainer's steps and data generator, got unknown parameters {unknown[:3]}")
+        for key, value in optim.items():
+            name, _, slot = key[len("optim."):].rpartition(".")
+            p = params[name]
+            target = value.to(p.device) if slot != "step" else value
+            self.opt.state[p][slot] = target
+        self.generator.set_state(state["trainer.data_rng"])
+        self.steps_done = int(state["trainer.steps_done"])
+        if not 0 <= self.steps_done <= self.cfg.steps:
+            raise TrainError(f"{self.cfg.name}: resume state: steps_done {self.steps_done} outside 0..{self.cfg.steps}")
+
     def evaluate(self) -> list[float]:
         """The loss of each validation batch, in the run's precision."""
         return evaluate_batches(self.model, self.val, self.cfg.precision, self.loss_fn, self.cfg.autocast())

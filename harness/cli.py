@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 from types import ModuleType
@@ -45,7 +46,18 @@ def build_parser(found: dict[str, ModuleType]) -> argparse.ArgumentParser:
     return parser
 
 
+def _triton_interpreter_without_cuda() -> None:
+    """On a machine without CUDA, Triton kernels can run only through Triton's interpreter, and Triton chooses when
+    it is first imported (its standard library is built then). Some subcommand modules import it indirectly
+    (through torch), so this comes first: without it `dsv3 conform --impl triton` failed every kernel."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
+    _triton_interpreter_without_cuda()
     found = subcommands()
     errors = tuple({UsageError, *(e for m in found.values() for e in m.INPUT_ERRORS)})
     try:

@@ -3,9 +3,12 @@ protocol table and `check_protocol` read these).
 
 An implementation is built by a zero-argument factory (`--dsv3-impl module:factory`) returning an object with a
 `component` attribute naming the component, the methods (or attributes) of its protocol, and optionally
-`not_applicable`: a set of the component's property names it legitimately lacks (each skips, with its reason,
-the tests of that property). State dicts use the official DeepSeek-V3 checkpoint names; shapes are written
-[B, S, D] = batch, sequence, hidden; N = tokens, k = experts per token, E = routed experts.
+`not_applicable`: the component's property names it legitimately lacks, as a dict name -> reason (or a plain set),
+each test of such a property being reported "not applicable" with the reason. Members needed only for one
+property (`Component.property_members`, e.g. MLA's `paged_pool` for `paged_cache`) may be left out when that
+property is declared not applicable. The factory is called and the object checked once, when `--dsv3-impl` is
+resolved. State dicts use the official DeepSeek-V3 checkpoint names; shapes are written [B, S, D] = batch,
+sequence, hidden; N = tokens, k = experts per token, E = routed experts, I = moe_intermediate_size.
 """
 
 from __future__ import annotations
@@ -47,13 +50,16 @@ class MLAImpl(Protocol):
     """Component `mla`: one Multi-head Latent Attention layer.
 
     `state` holds wq (or wq_a, q_norm, wq_b), wkv_a, kv_norm, wkv_b, wo (`.weight`, [out, in]) in `dtype`.
-    The layer is called `layer(x [B, S, D], start_pos=0, cache=None, seqlens=None) -> [B, S, D]` in `dtype`:
-    cache=None is one causal pass over positions start_pos..; with a cache, the chunk is appended and attends
-    to everything cached before it in its row. `start_pos` is an int or a [B] int64 tensor (per-row positions,
-    e.g. `cache.lengths`); `seqlens` [B] counts each row's valid tokens (right padding: not cached, output rows
-    exactly zero). The cache exposes `lengths` ([B] int64, tokens held per row). Every implementation must accept
-    float64: the tests that compare it with itself (decode, chunks, rows, pages, NaN isolation) run there;
-    `fp64_exact` concerns only the comparison with the float64 ground truth.
+    The layer is called under torch.no_grad() as `layer(x [B, S, D], start_pos=0, cache=None, seqlens=None)
+    -> [B, S, D]` in `dtype`: cache=None is one causal pass over positions start_pos..; with a cache, the chunk
+    is appended and attends to everything cached before it in its row. `start_pos` is an int or a [B] int64
+    tensor (per-row positions, e.g. `cache.lengths`); `seqlens` [B] counts each row's valid tokens (right
+    padding: not cached, output rows exactly zero). The cache exposes `lengths` ([B] int64, tokens held per row).
+
+    Dtypes: the tests comparing with the float64 ground truth, and the float64 variants of the cache tests, run
+    in float64 unless `fp64_exact` is declared not applicable; every cache test also runs in the working dtype
+    (optional attribute `working_dtype`, default torch.bfloat16) against the ground truth by the flash-attention
+    rule, and the working-dtype tests run float32 and bfloat16 (one of them at V3's head widths).
     """
 
     component: str
@@ -63,30 +69,41 @@ class MLAImpl(Protocol):
         """The layer holding `state_dict`, computing in `dtype` on `device`."""
 
     def new_cache(self, layer: Any, batch: int, max_len: int, **options: Any) -> Any:
-        """An empty cache of `batch` rows x `max_len` tokens. Options (each only if supported): paged=True with
-        block_size (tokens per block), num_blocks (pool size) and block_table ([B, ceil(max_len / block_size)]
-        int32 physical block ids); fp8=True (an e4m3 latent with one fp32 scale per token)."""
+        """An empty cache of `batch` rows x `max_len` tokens in the layer's dtype. Options (each only if
+        supported): paged=True with block_size (tokens per block), num_blocks (pool size) and block_table
+        ([B, ceil(max_len / block_size)] int32 physical block ids: row b's token p lives in block
+        block_table[b, p // block_size] at slot p % block_size); fp8=True (an e4m3 latent with one fp32 scale
+        per token)."""
 
     def cache_bytes_per_token(self, cache: Any) -> float:
         """The cache's payload bytes (data and scales) per token slot."""
+
+    def paged_pool(self, cache: Any) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """The storage of a paged cache, not a copy: one tensor (or a tuple) [num_blocks, block_size, ...] per
+        cached quantity. The suite fills it with NaN and then checks where tokens were written. Needed only for
+        the `paged_cache` property."""
 
 
 @runtime_checkable
 class MoEImpl(Protocol):
     """Component `moe`: the DeepSeekMoE router and layer, stateless (weights passed per call).
 
-    `state` holds gate.weight [E, D], gate.bias [E] (fp32 values; present when cfg.moe.bias),
-    experts.{i}.w1/w3.weight [I, D] and .w2.weight [D, I], and shared_experts.w1/w3.weight
-    [n_shared x I, D] and .w2.weight [D, n_shared x I] (one MLP of width n_shared x I). Tensors arrive in the
-    dtype of `x` (fp64 in most properties, bf16 in the working-dtype one), the bias in fp32 values.
+    `state` holds gate.weight [E, D], gate.bias [E] (fp32-representable values; present when cfg.moe.bias),
+    experts.{i}.w1/w3.weight [I, D] and .w2.weight [D, I], and, when n_shared_experts > 0,
+    shared_experts.w1/w3.weight [n_shared x I, D] and .w2.weight [D, n_shared x I] (one MLP of width
+    n_shared x I). Tensors arrive in the dtype of `x`: float64 in every property but the working-dtype one
+    (bfloat16, with the bias in fp32). Every flag of cfg.moe (score_func, norm_topk_prob, bias, groups,
+    route_scale, shared experts) is drawn independently.
     """
 
     component: str
 
     def route(self, cfg: ModelConfig, state: State, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [N, D] -> (weights [N, k] in x's dtype, indices [N, k] int64); the order of a token's k slots is free;
-        weights are the unbiased scores of the selected experts, normalised when cfg.moe.norm_topk_prob (sigmoid)
-        and left as probabilities for softmax scoring, times route_scale."""
+        """x [N, D] (2-D) -> (weights [N, k] in x's dtype, indices [N, k] int64); the order of a token's k slots
+        is free. Selection: top-k of the biased scores within the top topk_group groups (group score: the sum of
+        the top-2 biased scores with a bias, the max without). Weights: the unbiased scores (sigmoid, or softmax
+        over all experts) of the selected experts, divided by their plain sum (no epsilon) when
+        cfg.moe.norm_topk_prob, whatever the score function, then times route_scale."""
 
     def forward(self, cfg: ModelConfig, state: State, x: torch.Tensor) -> torch.Tensor:
         """x [..., D] -> y [..., D] = shared(x) + sum_k w_k expert_{i_k}(x), in x's dtype."""

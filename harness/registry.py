@@ -7,6 +7,8 @@ per-expert loop, the torch FP8 quantizers, the analytic cost model); the fast pa
 (`absorbed`, `grouped`, `triton`) and adapters of other libraries theirs (`transformers`). The conformance
 suites are written once against the protocol and run against every selected implementation. Users add their own
 with `--dsv3-impl module:factory`: the factory returns an object whose `component` attribute names the component.
+A user factory is imported (from the working directory too), called and checked against the protocol once, when
+the name is resolved, so that a missing method or a factory that raises is one line of usage error.
 
 The built-in implementations are adapters in `harness/adapters/<component>.py`, which register themselves on
 import; `load_all()` imports every module of that package, so adding a component touches no other file.
@@ -16,8 +18,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import pkgutil
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,18 +34,28 @@ class UsageError(ValueError):
 
 @dataclass(frozen=True)
 class Component:
-    """A thing under test, the Protocol its implementations satisfy and the properties they may declare not
-    applicable."""
+    """A thing under test, the Protocol its implementations satisfy, the properties they may declare not
+    applicable, and the members an implementation needs only while it claims a property (`property_members`)."""
 
     name: str
     description: str
     protocol: type
     properties: tuple[str, ...] = ()
+    property_members: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def required(self) -> tuple[str, ...]:
-        """The attributes and methods an implementation must have (the protocol's members)."""
-        return members(self.protocol)
+        """The attributes and methods every implementation must have (the protocol's members, less those needed
+        only for a property)."""
+        optional = {m for names in self.property_members.values() for m in names}
+        return tuple(m for m in members(self.protocol) if m not in optional)
+
+    def required_by(self, obj: Any) -> tuple[str, ...]:
+        """The members `obj` must have: the required ones plus those of every property it does not declare not
+        applicable."""
+        lacking = not_applicable(obj)
+        extra = [m for prop, names in self.property_members.items() if prop not in lacking for m in names]
+        return tuple(dict.fromkeys([*self.required, *extra]))
 
 
 @dataclass(frozen=True)
@@ -65,11 +79,17 @@ class Implementation:
         check_protocol(COMPONENTS[self.component], obj, self.name)
         return obj
 
+    @property
+    def user(self) -> bool:
+        """True for a `module:factory` implementation (not a registered one)."""
+        return ":" in self.name
+
 
 @dataclass
 class _Registry:
     components: dict[str, Component] = field(default_factory=dict)
     impls: dict[tuple[str, str], Implementation] = field(default_factory=dict)
+    created: dict[str, Any] = field(default_factory=dict)  # user objects by `module:factory`, made once
     loaded: bool = False
 
 
@@ -77,10 +97,12 @@ _REG = _Registry()
 COMPONENTS = _REG.components
 
 
-def register_component(name: str, description: str, protocol: type, properties: tuple[str, ...] = ()) -> Component:
+def register_component(name: str, description: str, protocol: type, properties: tuple[str, ...] = (),
+                       property_members: dict[str, tuple[str, ...]] | None = None) -> Component:
     """Declare a component; a second, different declaration of the same name is an error (an identical one, as
-    when a module is imported again, returns the first)."""
-    comp = Component(name, description, protocol, properties)
+    when a module is imported again, returns the first). `property_members` maps a property to the protocol
+    members an implementation needs only while it does not declare that property not applicable."""
+    comp = Component(name, description, protocol, properties, dict(property_members or {}))
     if _REG.components.setdefault(name, comp) != comp:
         raise ValueError(f"component {name!r} is already registered differently")
     return _REG.components[name]
@@ -118,19 +140,54 @@ def implementations(component: str | None = None) -> list[Implementation]:
 
 
 def check_protocol(comp: Component, obj: Any, label: str) -> None:
-    """Raise UsageError if `obj` lacks an attribute the component requires."""
-    missing = [a for a in comp.required if not hasattr(obj, a)]
+    """Raise UsageError (one line) if `obj` names another component, lacks a member the component requires (or
+    one of a property it claims), has a method that is not callable, or declares unknown properties."""
+    prefix = f"implementation {label!r} of {comp.name!r}"
+    if getattr(obj, "component", comp.name) != comp.name:
+        raise UsageError(f"{prefix}: its `component` attribute is {obj.component!r}, expected {comp.name!r}")
+    _check_declared(comp, obj, prefix)
+    missing = [a for a in comp.required_by(obj) if not hasattr(obj, a)]
     if missing:
-        raise UsageError(f"implementation {label!r} of {comp.name!r} lacks {', '.join(missing)}")
+        needed = {m: p for p, names in comp.property_members.items() for m in names}
+        hints = [f"{m} (needed for {needed[m]!r} unless it is declared not applicable)" if m in needed else m
+                 for m in missing]
+        raise UsageError(f"{prefix} lacks {', '.join(hints)}; the protocol is harness.protocols."
+                         f"{comp.protocol.__name__}")
+    methods = [m for m in comp.required_by(obj) if callable(getattr(comp.protocol, m, None))]
+    uncallable = [m for m in methods if not callable(getattr(obj, m))]
+    if uncallable:
+        raise UsageError(f"{prefix}: {', '.join(uncallable)} must be callable (a method), got "
+                         f"{type(getattr(obj, uncallable[0])).__name__}")
+
+
+def _check_declared(comp: Component, obj: Any, prefix: str) -> None:
+    """`not_applicable` must be a set (or a dict property -> reason) of the component's property names."""
+    declared = getattr(obj, "not_applicable", ())
+    if isinstance(declared, str) or not isinstance(declared, Iterable):
+        raise UsageError(f"{prefix}: not_applicable: expected a set of property names or a dict name -> reason, "
+                         f"got {type(declared).__name__}")
+    unknown = sorted(str(p) for p in declared if p not in comp.properties)
+    if unknown:
+        known = ", ".join(comp.properties) or "none"
+        raise UsageError(f"{prefix}: not_applicable: unknown property {unknown[0]!r}; {comp.name!r} has {known}")
 
 
 def not_applicable(obj: Any) -> frozenset[str]:
-    """Properties the implementation declares it legitimately lacks (attribute `not_applicable`)."""
+    """Properties the implementation declares it legitimately lacks (attribute `not_applicable`: a set of names,
+    or a dict name -> reason)."""
     return frozenset(getattr(obj, "not_applicable", ()))
 
 
+def not_applicable_reason(obj: Any, prop: str) -> str:
+    """Why `obj` declares `prop` not applicable: the dict's reason, or a generic sentence for a plain set."""
+    declared = getattr(obj, "not_applicable", ())
+    reason = declared.get(prop, "") if isinstance(declared, dict) else ""
+    return reason or "declared without a reason"
+
+
 def resolve(spec: str) -> list[Implementation]:
-    """Resolve one `--dsv3-impl` value: a registered name (matched in every component) or `module:factory`."""
+    """Resolve one `--dsv3-impl` value: a registered name (matched in every component) or `module:factory` (imported,
+    created and checked now)."""
     load_all()
     if ":" in spec:
         return [_from_factory_path(spec)]
@@ -142,19 +199,53 @@ def resolve(spec: str) -> list[Implementation]:
     return found
 
 
+def create(component: str, spec: str) -> Any:
+    """The object of implementation `spec` (a registered name or `module:factory`) of `component`: what the suites'
+    reproduction snippets call."""
+    found = [i for i in resolve(spec) if i.component == component]
+    if not found:
+        raise UsageError(f"{spec!r} is not an implementation of {component!r}")
+    return found[0].create()
+
+
+def _import_user_module(spec: str, module_name: str) -> Any:
+    """Import the module of a `module:factory`, from the working directory too (as `python -m pytest` would): a
+    bare `pytest` or the `dsv3` script does not put it on sys.path. Anything the module raises is one line."""
+    cwd = os.getcwd()
+    if cwd not in sys.path and importlib.util.find_spec(module_name.partition(".")[0]) is None:
+        sys.path.insert(0, cwd)
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        where = f" (looked in {cwd} and sys.path)" if e.name == module_name.partition(".")[0] else ""
+        raise UsageError(f"--dsv3-impl {spec}: cannot import module {module_name!r}: {e}{where}") from None
+    except Exception as e:  # the user's module may raise anything while it is imported: reported as one line
+        raise UsageError(f"--dsv3-impl {spec}: importing {module_name!r} raised {_one_line(e)}") from None
+
+
+def _one_line(e: BaseException) -> str:
+    """`Type: first line of the message`."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
 def _from_factory_path(spec: str) -> Implementation:
     module_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise UsageError(f"--dsv3-impl {spec}: cannot import module {module_name!r} ({e})") from None
+    if not module_name or not attr:
+        raise UsageError(f"--dsv3-impl {spec}: expected module:factory (e.g. mykernels:make_moe)")
+    module = _import_user_module(spec, module_name)
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise UsageError(f"--dsv3-impl {spec}: module {module_name!r} has no callable {attr!r}")
-    component = getattr(factory, "component", None)
-    if component is None:
-        component = getattr(factory(), "component", None)
+    if spec not in _REG.created:
+        try:
+            _REG.created[spec] = factory()
+        except Exception as e:  # the user's factory may raise anything: reported as one line
+            raise UsageError(f"--dsv3-impl {spec}: the factory raised {_one_line(e)}") from None
+    obj = _REG.created[spec]
+    component = getattr(obj, "component", None)
     if component not in _REG.components:
         raise UsageError(f"--dsv3-impl {spec}: the factory's object must have a `component` attribute naming one "
                          f"of {', '.join(sorted(_REG.components))}; got {component!r}")
-    return Implementation(component, spec, factory, f"user implementation {spec}")
+    check_protocol(_REG.components[component], obj, spec)
+    return Implementation(component, spec, lambda: _REG.created[spec], f"user implementation {spec}")

@@ -5,15 +5,15 @@ from __future__ import annotations
 import csv
 import io
 import json
-import sys
-import time
-from collections.abc import Callable
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tabulate import tabulate
 
-from harness.report_sections import ReportContext, Table, sections
+from harness.progress import Progress
+from harness.report_sections import ReportContext, Section, Table
 from harness.results import REQUIRED, Record, document, write_atomic
 
 FORMATS = ("text", "github", "latex", "csv", "json")
@@ -21,15 +21,14 @@ OUTPUT_FILES = ("report.md", "results.json")  # what write_outputs writes into -
 _TABLEFMT = {"text": "simple", "github": "github", "latex": "latex_booktabs"}
 
 
-def run_sections(ctx: ReportContext, log: Callable[[str], None]) -> list[Table]:
-    """Run every quick section (and the full ones under ctx.full), in order, logging progress."""
-    chosen = sections(ctx.full)
+def run_sections(ctx: ReportContext, chosen: list[Section], progress: Progress) -> list[Table]:
+    """Run the `chosen` sections in order, one unit of `progress` each (ctx.progress and ctx.fraction report
+    within a section)."""
     tables: list[Table] = []
     for i, sec in enumerate(chosen, 1):
-        log(f"[{i}/{len(chosen)}] {sec.title} ...")
-        start = time.perf_counter()
+        progress(f"[{i}/{len(chosen)}] {sec.title}")
         tables.extend(sec.run(ctx))
-        log(f"[{i}/{len(chosen)}] {sec.title}: {time.perf_counter() - start:.1f} s")
+        progress.advance()
     return tables
 
 
@@ -70,12 +69,29 @@ def render(tables: list[Table], env: dict[str, Any], fmt: str) -> str:
     return render_tables(tables, fmt)
 
 
-def write_outputs(out_dir: Path, tables: list[Table], env: dict[str, Any]) -> None:
-    """Write OUTPUT_FILES (report.md, results.json) into `out_dir`, each atomically."""
+@dataclass(frozen=True)
+class Figure:
+    """A figure written beside report.md (`harness.plots`); `file` None when there was nothing to draw, and the
+    caption says what is absent."""
+
+    title: str
+    file: str | None
+    caption: str
+
+
+def render_figures(figures: Sequence[Figure]) -> str:
+    """The markdown that embeds the figures (relative paths: they lie beside report.md)."""
+    out = ["## Figures\n"]
+    for f in figures:
+        image = f"![{f.title}]({f.file})\n\n" if f.file else "(not drawn)\n\n"
+        out.append(f"### {f.title}\n\n{image}*{f.caption}*\n")
+    return "\n".join(out)
+
+
+def write_outputs(out_dir: Path, tables: list[Table], env: dict[str, Any], figures: Sequence[Figure] = ()) -> None:
+    """Write OUTPUT_FILES (report.md, embedding `figures` when there are any, and results.json) into `out_dir`,
+    each atomically."""
     report_md, results_json = OUTPUT_FILES
-    write_atomic(out_dir / report_md, f"# dsv3 report\n\n{render_tables(tables, 'github')}")
+    figure_md = f"\n{render_figures(figures)}" if figures else ""
+    write_atomic(out_dir / report_md, f"# dsv3 report\n\n{render_tables(tables, 'github')}{figure_md}")
     write_atomic(out_dir / results_json, render(tables, env, "json"))
-
-
-def progress_to_stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)

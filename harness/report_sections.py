@@ -31,7 +31,8 @@ class Table:
 @dataclass(frozen=True)
 class ReportContext:
     """What a section may use: the models (the defaults and those named with --model) and profiles (local first),
-    the models named with --model alone (`chosen`), the device, and a progress hook."""
+    the models named with --model alone (`chosen`), the device, and progress hooks: `progress(message)` says what
+    runs now, `fraction(f)` how much (0..1) of the section is done, for a section that runs for minutes."""
 
     models: tuple[ModelConfig, ...]
     profiles: tuple[Profile, ...]
@@ -40,6 +41,7 @@ class ReportContext:
     full: bool
     chosen: tuple[ModelConfig, ...] = ()
     progress: Callable[[str], None] = print
+    fraction: Callable[[float], None] = lambda done: None
 
     def measured_models(self, fits: Callable[[ModelConfig], bool], default: ModelConfig) -> list[ModelConfig]:
         """The models a measured table runs: those named with --model that it can run (`fits`), else `default`."""

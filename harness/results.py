@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
+
 SCHEMA = "dsv3-results/1"
 KINDS = ("analytic", "measured")
 REQUIRED = ("metric", "subject", "profile", "kind", "value", "unit", "paper", "method")
@@ -76,8 +78,9 @@ def document(records: list[Record], env: dict[str, Any]) -> dict[str, Any]:
     return {"schema": SCHEMA, "env": env, "results": [r.to_dict() for r in records]}
 
 
-def write_atomic(path: str | Path, text: str) -> None:
-    """Write `text` (UTF-8) to `path` through a temp file in the same folder and a rename: never half-written.
+def write_atomic(path: str | Path, content: str | bytes) -> None:
+    """Write `content` (text as UTF-8, or bytes) to `path` through a temp file in the same folder and a rename:
+    never half-written.
 
     The file gets the mode a plain open() would give it (0o666 less the umask), so that others can read results the
     user's umask lets them read; the temp file is created exclusively, so it is never another writer's.
@@ -87,26 +90,32 @@ def write_atomic(path: str | Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(content.encode("utf-8") if isinstance(content, str) else content)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def read_document(path: str | Path) -> dict[str, Any]:
-    """Read and validate a results document."""
+def read_json(path: str | Path, what: str = "results") -> Any:
+    """The parsed JSON of a file; a missing, unreadable, non-UTF-8, truncated or malformed file is a ResultsError
+    naming the path."""
     path = Path(path)
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
-        raise ResultsError(f"{path}: cannot read results ({e.strerror})") from None
+        raise ResultsError(f"{path}: cannot read {what} ({e.strerror})") from None
     except UnicodeDecodeError as e:
-        raise ResultsError(f"{path}: cannot read results (not UTF-8 text: byte {e.start})") from None
+        raise ResultsError(f"{path}: cannot read {what} (not UTF-8 text: byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise ResultsError(f"{path}: malformed JSON ({e})") from None
+
+
+def validate_document(doc: Any, path: str | Path) -> dict[str, Any]:
+    """`doc` if it is a results document of this schema version with valid records, else a ResultsError."""
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
-        raise ResultsError(f"{path}: schema: expected {SCHEMA!r}")
+        found = doc.get("schema") if isinstance(doc, dict) else None
+        raise ResultsError(f"{path}: schema: expected {SCHEMA!r}" + (f", got {found!r}" if found else ""))
     if not isinstance(doc.get("results"), list):
         raise ResultsError(f"{path}: results: expected a list")
     for r in doc["results"]:
@@ -114,9 +123,17 @@ def read_document(path: str | Path) -> dict[str, Any]:
     return doc
 
 
+def read_document(path: str | Path) -> dict[str, Any]:
+    """Read and validate a results document."""
+    return validate_document(read_json(path), path)
+
+
 def append_records(path: str | Path, records: list[Record], env: dict[str, Any]) -> None:
-    """Append records to the document at `path` (created if absent), atomically."""
+    """Append records to the document at `path` (created if absent), atomically, under a lock file beside it
+    (`.NAME.lock`), so that concurrent writers (separate sessions on one results file) lose no records."""
     path = Path(path)
-    doc = read_document(path) if path.exists() else document([], env)
-    doc["results"].extend(r.to_dict() for r in records)
-    write_atomic(path, json.dumps(doc, indent=2) + "\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(path.with_name(f".{path.name}.lock")):
+        doc = read_document(path) if path.exists() else document([], env)
+        doc["results"].extend(r.to_dict() for r in records)
+        write_atomic(path, json.dumps(doc, indent=2) + "\n")

@@ -12,11 +12,13 @@ from harness.analytic import (
     ep_comm_bound,
     ep_link,
     fwd_flops_per_token,
+    kv_cache_bytes_per_sequence,
     kv_cache_bytes_per_token,
     kv_cache_bytes_per_token_layer,
     param_counts,
     train_flops_per_token,
 )
+from harness.analytic.flops import moe_layer_fwd_bytes
 from harness.analytic.params import attention_params
 from harness.analytic.tpot import TPOT_METHODS, tpot_methods
 from harness.strategies import model_configs
@@ -37,6 +39,17 @@ def test_kv_bytes():
     assert kv_cache_bytes_per_token(LLAMA, "fp8") == 516_096 // 2
     with pytest.raises(ConfigError, match="cache dtype: expected one of fp32, bf16, fp16, fp8"):
         kv_cache_bytes_per_token(V3, "int4")
+
+
+def test_kv_bytes_per_sequence_and_moe_layer_bytes():
+    assert kv_cache_bytes_per_sequence(V3, 131_072) == 70_272 * 131_072  # 9.21 GB at 128k
+    assert kv_cache_bytes_per_sequence(LLAMA, 0) == 0
+    with pytest.raises(ConfigError, match="context: expected an integer >= 0"):
+        kv_cache_bytes_per_sequence(V3, -1)
+    # V3: router 7168 x 256, 8 routed + 1 shared experts of 3 x 7168 x 2048, one token in and out, BF16
+    assert moe_layer_fwd_bytes(V3, 1, 8) == 2 * (7168 * 256 + 3 * 7168 * 2048 * 9 + 2 * 7168)
+    with pytest.raises(ConfigError, match="experts_hit: expected 0..256"):
+        moe_layer_fwd_bytes(V3, 1, 257)
 
 
 def test_v3_mla_layer_params():

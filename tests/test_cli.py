@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 
 from hardware.profile import load_profile, profile_names
 from harness.analytic import ep_link
-from harness.cli import main
+from harness.cli import main, subcommands
 from harness.commands.report import DEFAULT_MODELS
 from harness.report import render
 from harness.report_sections import Table
@@ -42,8 +43,9 @@ def report_json(tmp_path_factory):
     models = [str(root / "mine.toml"), "dsv3-tiny", "dsv3-tiny", "deepseek-v3-671b", str(root / "mine.toml"),
               str(root / "no-moe-layer.toml")]
     profiles = [*profile_names(), "h800", str(root / "my-h800.toml")]
+    plots = ["--plots"] if importlib.util.find_spec("matplotlib") else []  # the `plot` extra
     assert main(["report", "--format", "json", "--out", str(out), *_each("--model", models),
-                 *_each("--profile", profiles)]) == 0
+                 *_each("--profile", profiles), *plots]) == 0
     return json.loads((out / "results.json").read_text()), out
 
 
@@ -136,6 +138,15 @@ def test_moe_model_without_moe_layers_is_noted_not_counted(report_json):
     assert "nothing to count: no-moe-layer" in (out / "report.md").read_text()
 
 
+def test_plots_are_written_beside_the_markdown_that_embeds_them(report_json):
+    pytest.importorskip("matplotlib")
+    _, out = report_json
+    md = (out / "report.md").read_text()
+    for name in ("fig-kv-cache-context.png", "fig-roofline.png", "fig-tpot-bandwidth.png"):
+        assert (out / name).read_bytes().startswith(b"\x89PNG") and f"]({name})" in md
+    assert "### FP8 vs BF16 training loss\n\n(not drawn)" in md  # the quick report trains nothing
+
+
 def test_threads_default_to_all_cores(report_json):
     doc, _ = report_json
     assert doc["env"]["torch_threads"] == os.cpu_count()
@@ -146,9 +157,14 @@ def test_small_moe_model_gets_config_exact_ep_bound_only(report_json):
     doc, out = report_json
     linked = [n for n in profile_names() if ep_link(load_profile(n)) is not None]
     got = sorted((r["metric"], r["profile"], r["method"]) for r in doc["results"]
-                 if r["subject"] == "dsv3-tiny" and r["metric"] in ("tpot_ms", "tokens_per_s")
+                 if r["subject"] == "dsv3-tiny" and r["metric"] in ("tpot_ms", "tokens_per_s") and r["profile"]
                  and r["method"] != "roofline")
     assert got == sorted((m, p, "config-exact") for m in ("tpot_ms", "tokens_per_s") for p in linked)
+    sweep = [(r["link_GBps"], r["value"]) for r in doc["results"] if r["subject"] == "dsv3-tiny"
+             and r["metric"] == "tpot_ms" and r["profile"] is None and r["method"] == "config-exact"]
+    assert len(sweep) >= 5 and {50, 900} <= {bw for bw, _ in sweep}  # H800's scale-out, NVL72's scale-up
+    products = [bw * ms for bw, ms in sweep]  # TPOT inversely proportional to the bandwidth
+    assert max(products) == pytest.approx(min(products), rel=1e-12)
     note = "dsv3-tiny: paper-7k not applicable (hidden_size 64 rounds to 0 thousands)"
     assert note in (out / "report.md").read_text()
 
@@ -260,6 +276,13 @@ def test_profiles_show_rounds_probed_floats(capsys, tmp_path):
     out = capsys.readouterr().out
     assert " 0.01793  " in out and "0.0179277557783743" not in out
     assert " 1,979  " in out and " 3,350  " in out and " 80  " in out
+
+
+def test_help_of_every_command(capsys):
+    for name in subcommands():
+        with pytest.raises(SystemExit) as exit_:
+            main([name, "--help"])
+        assert exit_.value.code == 0 and f"dsv3 {name}" in capsys.readouterr().out
 
 
 def test_report_reproduces_table3_and_the_ep_traffic(report_json):

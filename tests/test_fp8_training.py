@@ -64,7 +64,10 @@ def tiny_result():
 
 
 def test_records_of_a_tiny_run(tiny_result):
-    fp8, noise, overhead = ft.records(tiny_result)
+    fp8, noise, *curves, overhead = ft.records(tiny_result)
+    assert [(c.metric, c.subject, c.extra["seed"]) for c in curves] == [
+        ("train_loss", run, seed) for seed in (0, 1) for run in ft.RUNS]
+    assert all(c.extra["curve_steps"] == [1, 2, 3, 4, 5] and c.value == c.extra["curve_loss"][-1] for c in curves)
     assert (fp8.metric, fp8.subject, noise.subject) == ("fp8_rel_loss_gap", "fp8-vs-bf16", "bf16-seed-noise")
     for r, run in ((fp8, "fp8"), (noise, "bf16_other_order")):
         for key in ("ci95", "mean_abs", "per_seed", "seeds", "steps", "tokens", "val_loss_bf16", "last20_change",
@@ -112,7 +115,8 @@ def test_a_diverging_run_stops_the_experiment_and_keeps_the_seeds_before(monkeyp
     assert re.match(r"seed 1 bf16: (non-finite activations|training loss not finite) at step \d of 5 ",
                     result.stopped)
     assert result.stopped.endswith("1 of 2 seeds completed")
-    fp8, _, _ = ft.records(result)
+    fp8, _, *curves, _ = ft.records(result)
+    assert len(curves) == len(ft.RUNS)  # the completed seed's runs
     assert fp8.extra["seeds"] == [0] and fp8.extra["stopped"] == result.stopped and fp8.extra["ci95"] is None
 
 
@@ -134,7 +138,8 @@ def test_a_model_the_recipe_cannot_tile_is_refused_up_front():
 def test_command_writes_the_records(tmp_path, capsys):
     assert main(["experiment", "fp8-training", *TINY_ARGS, "--out", str(tmp_path), "--format", "json"]) == 0
     doc = json.loads((tmp_path / "results.json").read_text())
-    assert [r["metric"] for r in doc["results"]] == ["fp8_rel_loss_gap", "fp8_rel_loss_gap", "fp8_step_overhead"]
+    assert [r["metric"] for r in doc["results"]] == ["fp8_rel_loss_gap"] * 2 + ["train_loss"] * 6 + [
+        "fp8_step_overhead"]
     assert json.loads(capsys.readouterr().out)["results"] == doc["results"]
     assert (tmp_path / "report.md").read_text().startswith("# dsv3 report")
 

@@ -39,6 +39,8 @@ def test_tpot_point_and_its_records(one_thread):
     assert {(r.subject, r.extra["context"], r.extra["batch"]) for r in records} == {("dsv3-tiny", 8, 2)}
     assert records[2].method == "roofline" and records[0].extra["p90_ms"] >= min(point.timing.samples) * 1e3
     assert records[1].value == pytest.approx(1 / point.timing.median)
+    assert records[0].extra["roofline"] == {"flops": records[2].extra["flops"], "bytes": records[2].extra["bytes"],
+                                            "seconds": point.timing.median, "dtype": "fp32"}
     assert len(point.per_round) == 3 and point.bandwidth_GBps > 0 and point.ratio > 0
     bf16 = dataclasses.replace(point.step, weights="bf16", dense="bf16", kv="bf16")  # as on a GPU
     h200 = bench.profile_record(dataclasses.replace(point, step=bf16), load_profile("h200"))

@@ -20,7 +20,7 @@ def test_kv(impl, dsv3_results):
     assert value == 70272
 
 @pytest.mark.gpu
-def test_needs_gpu():
+def test_needs_gpu(impl):
     pass
 """
 
@@ -36,6 +36,15 @@ def good():
 
 def broken():
     return Broken()
+
+class Incomplete:
+    component = "costmodel"
+
+def incomplete():
+    return Incomplete()
+
+def raises():
+    raise RuntimeError("no kernel")
 """
 
 
@@ -63,11 +72,16 @@ def test_user_factory_runs_and_a_wrong_one_fails(suite):
     ("no-such-impl", "*--dsv3-impl: unknown implementation 'no-such-impl'; known: *"),
     ("no_module:f", "*--dsv3-impl no_module:f: cannot import module 'no_module'*"),
     ("user_impl:missing", "*--dsv3-impl user_impl:missing: module 'user_impl' has no callable 'missing'*"),
+    ("user_impl:incomplete", "*implementation 'user_impl:incomplete' of 'costmodel' lacks kv_cache_bytes_per_token*"),
+    ("user_impl:raises", "*--dsv3-impl user_impl:raises: the factory raised RuntimeError: no kernel"),
 ])
 def test_bad_impl_is_a_usage_error(suite, spec, message):
+    # Checked once when --dsv3-impl is resolved: one line and pytest's usage error (not 16 setup errors for a
+    # missing method, not an INTERNALERROR for a factory that raises).
     result = suite.runpytest("--dsv3-impl", spec)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([message])
+    assert "Traceback" not in result.stderr.str() + result.stdout.str()
 
 
 def test_suites_run_by_pyargs_from_outside_the_checkout(tmp_path):

@@ -25,7 +25,8 @@ class DsAllToAll(AllToAll):
 
     def __init__(self, path: str) -> None:
         super().__init__(path)
-        self.not_applicable = frozenset() if path == "hierarchical" else frozenset({"node_dedup"})
+        self.not_applicable = {} if path == "hierarchical" else {
+            "node_dedup": "the flat path sends one scale-out message per destination rank, not per node"}
 
 
 register_component("ep", "expert-parallel dispatch/combine over torch.distributed (DeepEP normal-mode semantics)",

@@ -4,7 +4,7 @@ attention, a latent cache) and `transformers` (DeepseekV3Attention over the same
 
 Properties an implementation may declare not applicable: fp64_exact (matches the float64 truth to 1e-10: every
 step in float64, RoPE tables included), varlen (per-row start positions and lengths in one batch),
-chunked_prefill (prefill at start_pos > 0 on a filled cache), paged_cache, fp8_cache.
+chunked_prefill (prefill at start_pos > 0 on a filled cache), paged_cache (which needs `paged_pool`), fp8_cache.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from harness.registry import register_component, register_impl
 PROPERTIES = ("fp64_exact", "varlen", "chunked_prefill", "paged_cache", "fp8_cache")
 
 register_component("mla", "one Multi-head Latent Attention layer (DeepSeek-V3): weights by official names, "
-                   "prefill/decode over a cache", MLAImpl, PROPERTIES)
+                   "prefill/decode over a cache", MLAImpl, PROPERTIES, {"paged_cache": ("paged_pool",)})
+NAIVE_CACHE = "the naive mode caches per-head K and V, contiguous and in the layer's dtype"
 
 
 def build_reference(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], mode: str, dtype: torch.dtype,
@@ -43,7 +44,7 @@ class ReferenceMLA:
 
     def __init__(self, mode: str) -> None:
         self.mode = self.cache_mode = mode
-        self.not_applicable = frozenset({"paged_cache", "fp8_cache"}) if mode == "naive" else frozenset()
+        self.not_applicable = {"paged_cache": NAIVE_CACHE, "fp8_cache": NAIVE_CACHE} if mode == "naive" else {}
 
     def build(self, cfg: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype = torch.float64,
               device: torch.device | str = "cpu") -> MLA:
@@ -54,6 +55,11 @@ class ReferenceMLA:
 
     def cache_bytes_per_token(self, cache: Any) -> float:
         return cache.bytes_per_token()
+
+    def paged_pool(self, cache: Any) -> tuple[torch.Tensor, ...]:
+        """The PagedLatentCache's storage: latent [num_blocks, block_size, rank], k_pe [..., rope] (and the fp8
+        latent's scales [num_blocks, block_size])."""
+        return (cache.kv, cache.pe) + ((cache.scale,) if cache.fp8 else ())
 
 
 # --- transformers' DeepseekV3Attention -----------------------------------------------------------------------
@@ -136,11 +142,13 @@ class TransformersMLA:
 
     component = "mla"
     cache_mode = "absorbed"  # transformers 5.x caches kv_a_layernorm(c) and the roped k_pe, not per-head K/V
-    not_applicable = frozenset({
-        "fp64_exact",  # cos/sin are computed in fp32 (position_ids.float() * inv_freq) and only then cast
-        "varlen",  # one DynamicCache length per batch
-        "paged_cache", "fp8_cache",  # DynamicCache is contiguous, in the activation dtype
-    })
+    not_applicable = {
+        "fp64_exact": "its RMSNorm and RoPE tables compute in float32 (hidden_states.to(float32); "
+                      "position_ids.float() * inv_freq) and only then cast",
+        "varlen": "a DynamicCache keeps one length for the whole batch",
+        "paged_cache": "DynamicCache is contiguous",
+        "fp8_cache": "DynamicCache stores the activation dtype",
+    }
 
     def build(self, cfg: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype = torch.float64,
               device: torch.device | str = "cpu") -> HFLayer:
@@ -159,7 +167,7 @@ class TransformersMLA:
     def new_cache(self, layer: HFLayer, batch: int, max_len: int, **options: Any) -> Any:
         from transformers import DynamicCache
 
-        unsupported = sorted(k for k, v in options.items() if v)
+        unsupported = [k for k in ("paged", "fp8") if options.get(k)]
         if unsupported:
             raise ValueError(f"{', '.join(unsupported)}: not supported by transformers' DynamicCache")
         return DynamicCache()

@@ -20,7 +20,7 @@ from dsv3ref.checkpoint import ours_to_hf
 from dsv3ref.config import ConfigError, ModelConfig
 from dsv3ref.hf_config import hf_config_dict
 from dsv3ref.model import ModelCache, Transformer
-from harness.adapters.mla import hf_rope_parameters
+from harness.adapters.mla import NAIVE_CACHE, hf_rope_parameters
 from harness.adapters.moe import hf_state_dict as hf_moe_state
 from harness.protocols import ModelImpl
 from harness.registry import register_component, register_impl
@@ -38,7 +38,7 @@ class ReferenceModel:
 
     def __init__(self, attn_mode: str, moe_backend: str) -> None:
         self.attn_mode, self.moe_backend = attn_mode, moe_backend
-        self.not_applicable = frozenset({"paged_cache"}) if attn_mode == "naive" else frozenset()
+        self.not_applicable = {"paged_cache": NAIVE_CACHE} if attn_mode == "naive" else {}
 
     def build(self, cfg: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype = torch.float64,
               device: torch.device | str = "cpu") -> Transformer:
@@ -101,11 +101,12 @@ class TransformersModel:
     new_cache."""
 
     component = "model"
-    not_applicable = frozenset({
-        "fp64_exact",  # RoPE angles in fp32 (position_ids.float() * inv_freq), whatever the model dtype
-        "varlen",  # one DynamicCache length per batch
-        "paged_cache",
-    })
+    not_applicable = {
+        "fp64_exact": "its RoPE angles (position_ids.float() * inv_freq), RMSNorm and router compute in float32 "
+                      "whatever the model's dtype",
+        "varlen": "a DynamicCache keeps one length for the whole batch",
+        "paged_cache": "DynamicCache is contiguous",
+    }
 
     def build(self, cfg: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype = torch.float64,
               device: torch.device | str = "cpu") -> nn.Module:

@@ -104,8 +104,13 @@ class TransformersMoE:
     """transformers' DeepseekV3MoE (router DeepseekV3TopkRouter, eager experts) built from the same weights."""
 
     component = "moe"
-    not_applicable = frozenset({"softmax_scoring", "max_group_score_without_bias", "fp64_router",
-                                "exact_normaliser"})
+    not_applicable = {
+        "softmax_scoring": "DeepseekV3TopkRouter always scores with a sigmoid",
+        "max_group_score_without_bias": "the group score is always the top-2 sum (a config without a bias gets a "
+                                        "zero e_score_correction_bias)",
+        "fp64_router": "the router casts x and gate.weight to float32 (outputs compared at 1e-5, not 1e-10)",
+        "exact_normaliser": "the weights are divided by (sum + 1e-20)",
+    }
 
     def route(self, cfg: ModelConfig, state: dict[str, torch.Tensor],
               x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -128,6 +128,19 @@ def moe_layer_fwd_flops_per_token(cfg: ModelConfig) -> float:
                                                                                + m.n_shared_experts)
 
 
+def moe_layer_fwd_bytes(cfg: ModelConfig, tokens: int, experts_hit: int, dtype: str = "bf16") -> float:
+    """Bytes one forward of `tokens` tokens through a DeepSeekMoE layer moves at least: the router's weights, the
+    three matrices of each of the `experts_hit` routed experts the batch selects and of the shared experts, once
+    each, and the tokens' hidden vectors in and out."""
+    if cfg.moe is None:
+        raise ConfigError(f"{cfg.name}: moe: a MoE layer needs a MoE config")
+    m, d = cfg.moe, cfg.hidden_size
+    if not 0 <= experts_hit <= m.n_routed_experts:
+        raise ConfigError(f"experts_hit: expected 0..{m.n_routed_experts}, got {experts_hit!r}")
+    weights = d * m.n_routed_experts + 3 * d * m.moe_intermediate_size * (experts_hit + m.n_shared_experts)
+    return float(dtype_bytes(dtype, "dtype") * (weights + 2 * tokens * d))
+
+
 # --- the assembled model -------------------------------------------------------------------------------------
 def model_fwd_flops(cfg: ModelConfig, new_tokens: int, cached_tokens: int = 0, batch: int = 1,
                     mla_mode: str = "absorbed", logits: str = "last") -> float:

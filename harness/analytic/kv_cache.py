@@ -39,3 +39,10 @@ def kv_cache_bytes_per_token_layer(att: AttentionConfig, dtype: str = "bf16", ml
 def kv_cache_bytes_per_token(cfg: ModelConfig, dtype: str = "bf16", mla_mode: str = "absorbed") -> int:
     """All layers' cache bytes per token (MTP modules excluded: they are not run when serving without MTP)."""
     return cfg.num_layers * kv_cache_bytes_per_token_layer(cfg.attention, dtype, mla_mode)
+
+
+def kv_cache_bytes_per_sequence(cfg: ModelConfig, context: int, dtype: str = "bf16", mla_mode: str = "absorbed") -> int:
+    """The cache of one sequence of `context` tokens, all layers: bytes per token x context."""
+    if isinstance(context, bool) or not isinstance(context, int) or context < 0:
+        raise ConfigError(f"context: expected an integer >= 0, got {context!r}")
+    return context * kv_cache_bytes_per_token(cfg, dtype, mla_mode)

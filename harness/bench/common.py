@@ -15,12 +15,18 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
+from dsv3ref.config import ConfigError
 from hardware.profile import Profile
 from hardware.timing import Timing, paired_ratio, round_ratios
 from harness.results import Record
 
 _POOL = 1 << 22  # random block tiled over every weight
 SPEEDUP_METHOD = "median of per-round time ratios, interleaved"
+# Rounds of a side-by-side measurement that `dsv3 gate` can judge: Mann-Whitney U needs 6 or more samples a side to
+# reach p < 0.002 at all (harness.gate.stats.min_p_value); 10 detects a 25% change in 5%-noisy samples every time.
+GATED_ROUNDS = 10
+PIN_VARIABLE = "DSV3_WORKING_DTYPE"
+PINNABLE = {"bf16": torch.bfloat16, "fp32": torch.float32}  # what the variable may pin the working dtype to
 
 
 def pseudo_random_(t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -59,6 +65,12 @@ class FlopCount(TorchDispatchMode):
         super().__init__()
         self.total = 0
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # TorchDispatchMode's hook: True wraps __torch_dispatch__ in a dynamo-disable that imports torch._dynamo on
+        # the first counted op (2.5 s here). The mode never runs under torch.compile, so there is nothing to skip.
+        return False
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 (torch's signature)
         kwargs = kwargs or {}
         if func is not torch.ops.prim.device.default:  # as FlopCounterMode: count what an op decomposes into
@@ -91,7 +103,15 @@ def speedup_record(metric: str, subject: str, slower: Timing, faster: Timing, ex
 def working_dtype(local: Profile) -> torch.dtype:
     """The dtype the measured benchmarks run in here: BF16 where the device runs BF16 matmuls at least half as fast
     as FP32 (GPUs, AMX or AVX512-BF16 CPUs), else FP32 (a CPU without native BF16 emulates it, ~6x slower than FP32
-    on an AVX2 EPYC, and would time the emulation rather than the workload). Tables and records name it."""
+    on an AVX2 EPYC, and would time the emulation rather than the workload). Tables and records name it.
+
+    The environment variable DSV3_WORKING_DTYPE (bf16 or fp32) pins it, for runs that must pair with a baseline
+    (`tox -e perf`): the probe's timings, and so its choice, move with the other jobs on a shared machine."""
+    pinned = os.environ.get(PIN_VARIABLE)
+    if pinned:
+        if pinned not in PINNABLE:
+            raise ConfigError(f"{PIN_VARIABLE}: expected one of {', '.join(PINNABLE)}, got {pinned!r}")
+        return PINNABLE[pinned]
     if local.fp32_dense_TFLOPS is None or local.bf16_dense_TFLOPS >= 0.5 * local.fp32_dense_TFLOPS:
         return torch.bfloat16
     return torch.float32

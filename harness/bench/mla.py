@@ -27,7 +27,7 @@ from harness.bench.common import FlopCount, conditions, dtype_name, materialise_
 from harness.numerics import calc_diff
 from harness.results import Record
 
-FLOP_PREFILL = 16  # prefill tokens run through each real-dimension layer (cache bytes and FLOPs)
+FLOP_PREFILL = 2  # prefill tokens through each real-dimension layer (cache bytes, FLOPs); CPUs run M > 2 GEMMs slowly
 FLOP_CONTEXT = 4096  # cached tokens before the counted decode step
 DECODE_CONTEXTS = (512, 4096, 16384)
 DECODE_BATCHES = (1, 4)
@@ -252,7 +252,8 @@ def transformers_installed() -> bool:
 
 def decode_records(bench: DecodeBench, times: dict[str, Timing], local: Profile) -> list[Record]:
     """mla_decode_speedup of absorbed against naive and transformers (side by side), and the absorbed step's
-    achieved_bandwidth_fraction of the local memory bandwidth."""
+    achieved_bandwidth_fraction of the local memory bandwidth (with its raw times and its roofline point: analytic
+    FLOPs and bytes of the step, median seconds)."""
     dtype = dtype_name(bench.dtype)
     extra = {"context": bench.context, "batch": bench.batch, "dtype": dtype, "model": bench.cfg.name,
              **conditions(bench.device)}
@@ -262,12 +263,15 @@ def decode_records(bench: DecodeBench, times: dict[str, Timing], local: Profile)
             records.append(speedup_record("mla_decode_speedup", f"absorbed-vs-{peer}", times[peer], times["absorbed"],
                                           {**extra, "bytes_per_step": {"absorbed": bench.bytes_per_step("absorbed"),
                                                                        peer: bench.bytes_per_step(peer)}}))
-    step_s = times["absorbed"].median
-    fraction = achieved_fraction_of_bandwidth(local, bench.bytes_per_step("absorbed"), step_s)
+    step_s, moved = times["absorbed"].median, bench.bytes_per_step("absorbed")
+    fraction = achieved_fraction_of_bandwidth(local, moved, step_s)
+    flops = attention_layer_fwd_flops(bench.cfg, 1, bench.context, bench.batch, "absorbed")
     records.append(Record("achieved_bandwidth_fraction", f"{bench.cfg.name}/mla-absorbed-decode", fraction, "ratio",
                           kind="measured", profile="local", method=f"{dtype}-one-layer",
-                          extra={**extra, "bytes_per_step": bench.bytes_per_step("absorbed"), "step_s": step_s,
-                                 "bandwidth_GBps": local.hbm_bandwidth_GBps}))
+                          extra={**extra, "bytes_per_step": moved, "step_s": step_s,
+                                 "bandwidth_GBps": local.hbm_bandwidth_GBps,
+                                 "samples_s": list(times["absorbed"].samples),
+                                 "roofline": {"flops": flops, "bytes": moved, "seconds": step_s, "dtype": dtype}}))
     return records
 
 

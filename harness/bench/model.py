@@ -263,6 +263,9 @@ def tpot_records(p: TPOTPoint) -> list[Record]:
                 "ratio_per_round": list(p.per_round), "side_by_side_bandwidth_GBps": p.bandwidth_GBps,
                 "op_calls_per_step": p.op_calls, "small_m_slowdown": p.small_m_slowdown, **p.conditions}
     pr = p.prediction
+    # the roofline figure's point: the predicted step's FLOPs and bytes over the measured median step time
+    measured["roofline"] = {"flops": pr.flops, "bytes": pr.bytes, "seconds": p.timing.median,
+                            "dtype": dtype_name(p.dtype)}
     predicted = {**shared, "predicted_at_context": p.step.context, "bound": pr.bound,
                  "dominant_op": pr.dominant_op(), "memory_bound_ms": pr.memory_s * 1e3,
                  "compute_bound_ms": pr.compute_s * 1e3, "bytes": pr.bytes, "flops": pr.flops,

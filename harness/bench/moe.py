@@ -23,7 +23,7 @@ from dsv3ref.config import ModelConfig, MoEConfig
 from dsv3ref.moe import MoE
 from hardware.probe import matmul_case
 from hardware.timing import Timing, round_ratios
-from harness.analytic.flops import moe_layer_fwd_flops_per_token
+from harness.analytic.flops import moe_layer_fwd_bytes, moe_layer_fwd_flops_per_token
 from harness.analytic.params import param_counts
 from harness.bench.common import FlopCount, conditions, dtype_name, speedup_record
 from harness.results import Record
@@ -201,8 +201,7 @@ class SpeedBench:
         """One forward of `tokens` tokens per module, the probe's matmul under PEAK and the layer's matmuls alone
         under BOUND (timed beside them: the roofline); batched_mm is left out when its gathered weights would not
         fit in half the free memory."""
-        x = torch.randn(tokens, self.cfg.hidden_size, generator=torch.Generator().manual_seed(tokens))
-        x = x.to(device=self.device, dtype=self.dtype)
+        x = self.batch(tokens)
         out: dict[str, Callable[[], Any]] = {}
         for name, module in self.modules.items():
             if name == "transformers-batched_mm":
@@ -216,6 +215,17 @@ class SpeedBench:
         out[PEAK] = self.matmul[0]
         out[BOUND] = self._matmuls_alone(x)
         return out
+
+    def batch(self, tokens: int) -> torch.Tensor:
+        """The input [tokens, hidden] that `forwards(tokens)` runs, seeded by its size."""
+        x = torch.randn(tokens, self.cfg.hidden_size, generator=torch.Generator().manual_seed(tokens))
+        return x.to(device=self.device, dtype=self.dtype)
+
+    def experts_hit(self, tokens: int) -> int:
+        """The distinct routed experts `batch(tokens)` selects (whose weights a forward reads)."""
+        with torch.no_grad():
+            _, indices = self.modules["grouped"].gate(self.batch(tokens))
+        return int(indices.unique().numel())
 
     def _matmuls_alone(self, x: torch.Tensor) -> Callable[[], None]:
         """The layer's matmuls at this batch's shapes and nothing else: the router's (fp32, as every router
@@ -254,7 +264,8 @@ def reps_for(tokens: int) -> int:
 def speed_records(bench: SpeedBench, tokens: int, timings: dict[str, Timing]) -> list[Record]:
     """moe_speedup of grouped against every other module, and the achieved fraction of the matmul throughput timed
     beside it, of grouped and of the layer's matmuls alone (the bound of its per-expert path): per round
-    (analytic FLOPs / time) over (the probe matmul's FLOPs / time), the median over rounds."""
+    (analytic FLOPs / time) over (the probe matmul's FLOPs / time), the median over rounds. Grouped's record
+    carries its roofline point (analytic FLOPs and bytes of the batch, median seconds)."""
     base = timings["grouped"]
     extra = {"tokens": tokens, "config": bench.cfg.name, "dtype": dtype_name(bench.dtype),
              **conditions(bench.device)}
@@ -262,13 +273,17 @@ def speed_records(bench: SpeedBench, tokens: int, timings: dict[str, Timing]) ->
                for name, t in timings.items() if name not in ("grouped", PEAK, BOUND)]
     _, matmul_flops, what = bench.matmul
     flops = moe_layer_fwd_flops_per_token(bench.cfg) * tokens
+    moved = moe_layer_fwd_bytes(bench.cfg, tokens, bench.experts_hit(tokens), extra["dtype"])
+    point = {"roofline": {"flops": flops, "bytes": moved, "seconds": base.median, "dtype": extra["dtype"]}}
     for subject, t in (("grouped", base), (BOUND, timings[BOUND])):
         per_round = [flops / matmul_flops * r for r in round_ratios(timings[PEAK], t)]  # (F / t) / (F_mm / t_mm)
         records.append(Record("achieved_compute_fraction", subject, statistics.median(per_round), "ratio",
                               kind="measured", profile="local",
-                              method=f"analytic FLOPs / time over a {what}'s FLOPs / time, median over "
+                              method="analytic FLOPs / time over the probe matmul's FLOPs / time, median over "
                                      "interleaved rounds",
-                              extra={**extra, "matmul_TFLOPS": matmul_flops / timings[PEAK].median / 1e12,
+                              extra={**extra, "matmul": what,
+                                     "matmul_TFLOPS": matmul_flops / timings[PEAK].median / 1e12,
                                      "per_round": per_round, "samples_s": list(t.samples),
-                                     "matmul_samples_s": list(timings[PEAK].samples)}))
+                                     "matmul_samples_s": list(timings[PEAK].samples),
+                                     **(point if subject == "grouped" else {})}))
     return records

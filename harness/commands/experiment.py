@@ -4,7 +4,8 @@
 `long` budget by default (`--budget report` is what `dsv3 report --full` runs), each field overridable
 (`--model`, `--seeds`, `--steps`, `--device`, ...). With `--out DIR` the records are written to DIR/results.json
 after every seed (atomically), so a stopped or interrupted run keeps the seeds it completed, and DIR/report.md at
-the end. Progress goes to stderr.
+the end. A progress bar on stderr shows the share of training steps done and the latest loss (silent off a terminal
+and under --quiet).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from harness.commands.common import load_model, positive_int
 from harness.commands.report import _out_dir
 from harness.environment import environment
 from harness.experiments import fp8_training
-from harness.report import FORMATS, progress_to_stderr, render, write_outputs
+from harness.progress import Progress, notify
+from harness.report import FORMATS, render, write_outputs
 from harness.results import ResultsError
 
 HELP = "run an experiment at a chosen size (fp8-training: FP8 vs BF16 training over paired seeds)"
@@ -55,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fp8.add_argument("--threads", type=positive_int, metavar="N", help="torch CPU threads (default: all cores)")
     fp8.add_argument("--format", choices=FORMATS, default="text")
     fp8.add_argument("--out", metavar="DIR", help="write results.json (after every seed) and report.md into DIR")
+    fp8.add_argument("--quiet", action="store_true", help="no progress bar and no messages on stderr")
 
 
 def _count_or_zero(text: str) -> int:
@@ -90,8 +93,9 @@ def run(args: argparse.Namespace) -> int:
         if out is not None:
             write_outputs(out, fp8_training.tables(result), env)
 
-    progress_to_stderr(f"fp8-training: {dataclasses.asdict(budget)}")
-    result = fp8_training.run_experiment(budget, cfg, progress=progress_to_stderr, on_seed=save)
+    notify(f"fp8-training: {dataclasses.asdict(budget)}", args.quiet)
+    with Progress(1, "fp8-training", quiet=args.quiet) as progress:
+        result = fp8_training.run_experiment(budget, cfg, progress=progress, on_seed=save, fraction=progress.fraction)
     save(result)
     sys.stdout.write(render(fp8_training.tables(result), env, args.format))
     if result.stopped:

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
+import importlib.util
 import os
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import TypeVar
 
 import torch
@@ -18,9 +21,10 @@ from dsv3ref.config import ConfigError, ModelConfig
 from hardware.profile import Profile, ProfileError, load_profile, profile_names
 from harness.commands.common import load_model, positive_int
 from harness.environment import environment
+from harness.progress import Progress, notify
 from harness.registry import UsageError
-from harness.report import FORMATS, OUTPUT_FILES, progress_to_stderr, render, run_sections, write_outputs
-from harness.report_sections import ReportContext
+from harness.report import FORMATS, OUTPUT_FILES, render, run_sections, write_outputs
+from harness.report_sections import ReportContext, sections
 from harness.results import ResultsError
 
 HELP = "analytic tables and measurements, each beside the paper's value"
@@ -40,6 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--full", action="store_true", help="add every registered experiment and benchmark (minutes)")
     parser.add_argument("--threads", type=positive_int, metavar="N",
                         help="torch CPU threads for measurements, an integer >= 1 (default: all cores)")
+    parser.add_argument("--plots", action="store_true",
+                        help="with --out: also draw the figures (PNG) beside report.md, which embeds them "
+                             "(needs the `plot` extra: matplotlib)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar and no messages on stderr")
 
 
 def _unique(loaded: list[tuple[str, Named]], option: str, same: Callable[[Named, Named], bool]) -> list[Named]:
@@ -73,7 +81,7 @@ def _declared_profiles(args: argparse.Namespace) -> list[Profile]:
     return _unique(loaded, "--profile", lambda a, b: dataclasses.replace(a, path="") == dataclasses.replace(b, path=""))
 
 
-def _out_dir(spec: str) -> Path:
+def _out_dir(spec: str, figure_files: Sequence[str] = ()) -> Path:
     """--out: create the folder if missing and prove it writable (a temp file created and removed there), so that a
     bad destination is a one-line error before the measurements, not a traceback after them."""
     if not spec:
@@ -90,28 +98,44 @@ def _out_dir(spec: str) -> Path:
             pass
     except OSError as e:
         raise UsageError(f"--out {spec}: cannot write into the directory ({e.strerror})") from None
-    taken = [name for name in OUTPUT_FILES if (out / name).is_dir()]
+    taken = [name for name in (*OUTPUT_FILES, *figure_files) if (out / name).is_dir()]
     if taken:
         raise UsageError(f"--out {spec}: {taken[0]} is a directory; expected a file or nothing there")
     return out
 
 
+def _plots_module(args: argparse.Namespace) -> ModuleType | None:
+    """harness.plots when --plots is given (it needs --out and matplotlib), else None."""
+    if not args.plots:
+        return None
+    if args.out is None:
+        raise UsageError("--plots: needs --out DIR (the figures are files beside report.md)")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("--plots: needs matplotlib, which is not installed: pip install 'dsv3-harness[plot]'")
+    return importlib.import_module("harness.plots")
+
+
 def run(args: argparse.Namespace) -> int:
-    """`dsv3 report`: every input (models, profiles, --out) is checked before the machine is probed or anything is
-    measured, so that bad usage costs one line and no waiting."""
+    """`dsv3 report`: every input (models, profiles, --out, --plots) is checked before the machine is probed or
+    anything is measured, so that bad usage costs one line and no waiting."""
     models, chosen = _models(args)
     declared = _declared_profiles(args)  # validated first
-    out = _out_dir(args.out) if args.out is not None else None
+    plots = _plots_module(args)
+    out = _out_dir(args.out, plots.FIGURE_FILES if plots else ()) if args.out is not None else None
     torch.set_num_threads(args.threads or os.cpu_count() or 1)  # None: all cores; every measurement records it
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    progress_to_stderr("probing the local machine ...")
-    local = load_profile("local")
-    ctx = ReportContext(models=tuple(models), profiles=(local, *declared), local=local, device=device,
-                        full=args.full, chosen=tuple(chosen), progress=progress_to_stderr)
-    tables = run_sections(ctx, progress_to_stderr)
+    chosen_sections = sections(args.full)
+    with Progress(len(chosen_sections), "dsv3 report", quiet=args.quiet) as progress:
+        progress("probing the local machine ...")
+        local = load_profile("local")
+        ctx = ReportContext(models=tuple(models), profiles=(local, *declared), local=local, device=device,
+                            full=args.full, chosen=tuple(chosen), progress=progress, fraction=progress.fraction)
+        tables = run_sections(ctx, chosen_sections, progress)
     env = environment(device)
     if out is not None:
-        write_outputs(out, tables, env)
-        progress_to_stderr(f"wrote {' and '.join(str(out / name) for name in OUTPUT_FILES)}")
+        figures = plots.write_figures([r for t in tables for r in t.records], out) if plots else []
+        write_outputs(out, tables, env, figures)
+        written = [*OUTPUT_FILES, *(f.file for f in figures if f.file)]
+        notify(f"wrote {', '.join(str(out / name) for name in written)}", args.quiet)
     sys.stdout.write(render(tables, env, args.format))
     return 0

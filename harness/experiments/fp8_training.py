@@ -50,6 +50,7 @@ OTHER_ORDER = 1000  # the noise floor's data order: seed + 1000, an order no oth
 PAPER_BOUND = 0.25  # %, the paper's "relative loss error below 0.25%"
 LAST_FRACTION = 0.2  # last20_change: the BF16 validation loss's relative change over the last 20% of the steps
 RUNS = ("bf16", "fp8", "bf16_other_order")
+CURVE_POINTS = 100  # at most this many (step, loss) points per training curve in a record
 FP8_PATHS = {"fused": "emulated on the CPU: fused fake-quantization (compiled) and one fp32 GEMM per product",
              "torch": "emulated: reference quantizers and block-scaled GEMM (fp32 matmul per 128-wide K block)",
              "triton": "Triton block-scaled FP8 GEMM (native FP8 on CUDA, interpreted on the CPU)"}
@@ -146,13 +147,14 @@ BUDGETS = {
 @dataclass(frozen=True)
 class SeedResult:
     """One seed's three runs: final validation losses, per-batch validation losses, the BF16 run's loss at 80% of
-    the steps, and wall seconds per run."""
+    the steps, wall seconds per run, and the training loss of every step per run."""
 
     seed: int
     loss: dict[str, float]
     batches: dict[str, list[float]]
     bf16_at_80: float
     seconds: dict[str, float]
+    curves: dict[str, list[float]] = field(default_factory=dict)
 
     def gap(self, run: str) -> float:
         """(L_run - L_bf16) / L_bf16, a fraction."""
@@ -221,8 +223,12 @@ def _model(cfg: ModelConfig, seed: int, device: str) -> Transformer:
     return Transformer(cfg, attn_mode="naive", moe_backend="loop").to(device)
 
 
-def _every_tenth(progress: Callable[[str], None] | None, label: str, steps: int) -> Callable[[int, float], None]:
+def _every_tenth(progress: Callable[[str], None] | None, label: str, steps: int,
+                 fraction: Callable[[float], None] | None = None) -> Callable[[int, float], None]:
+    """train's step callback: a message every tenth of the run, and the run's share done after every step."""
     def report(step: int, loss: float) -> None:
+        if fraction is not None:
+            fraction((step + 1) / steps)
         if progress is not None and ((step + 1) % max(1, steps // 10) == 0 or step + 1 == steps):
             progress(f"{label}: step {step + 1}/{steps}, loss {loss:.3f}")
 
@@ -230,24 +236,28 @@ def _every_tenth(progress: Callable[[str], None] | None, label: str, steps: int)
 
 
 def run_seed(budget: Budget, cfg: ModelConfig, seed: int, corpus: Corpus,
-             progress: Callable[[str], None] | None = None, label: str = "") -> SeedResult:
-    """The three runs of one seed from one initialisation; ExperimentError naming the run when one diverges."""
+             progress: Callable[[str], None] | None = None, label: str = "",
+             fraction: Callable[[float], None] | None = None) -> SeedResult:
+    """The three runs of one seed from one initialisation; ExperimentError naming the run when one diverges.
+    `fraction(f)` gets the share (0..1) of the seed's training steps done."""
     init = _model(cfg, seed, budget.device)
     runs = {"bf16": ("bf16-linear", seed), "fp8": ("fp8", seed), "bf16_other_order": ("bf16-linear",
                                                                                         seed + OTHER_ORDER)}
-    loss, batches, seconds, mid = {}, {}, {}, math.nan
-    for name, (precision, data_seed) in runs.items():
+    loss, batches, seconds, curves, mid = {}, {}, {}, {}, math.nan
+    for i, (name, (precision, data_seed)) in enumerate(runs.items()):
         run_name = f"seed {seed} {name}"
+        within = None if fraction is None else lambda f, i=i: fraction((i + f) / len(runs))
         try:
             cfg_run = budget.train_config(precision, data_seed, run_name, budget.eval_count(corpus), name == "bf16")
             result = train(copy.deepcopy(init), corpus, cfg_run,
-                           progress=_every_tenth(progress, f"{label}{run_name}", budget.steps))
+                           progress=_every_tenth(progress, f"{label}{run_name}", budget.steps, within))
         except NonFiniteLoss as e:
             raise ExperimentError(str(e)) from None
         loss[name], batches[name], seconds[name] = result.final_val_loss, result.val_batch_losses, result.seconds
+        curves[name] = result.losses
         if name == "bf16":
             mid = result.val_losses[0][1]
-    return SeedResult(seed, loss, batches, mid, seconds)
+    return SeedResult(seed, loss, batches, mid, seconds, curves)
 
 
 def step_overhead(budget: Budget, cfg: ModelConfig, corpus: Corpus) -> Record:
@@ -267,10 +277,12 @@ def step_overhead(budget: Budget, cfg: ModelConfig, corpus: Corpus) -> Record:
 
 def run_experiment(budget: Budget, cfg: ModelConfig | None = None, corpus: Corpus | None = None,
                    progress: Callable[[str], None] | None = None,
-                   on_seed: Callable[[Fp8TrainingResult], None] | None = None) -> Fp8TrainingResult:
+                   on_seed: Callable[[Fp8TrainingResult], None] | None = None,
+                   fraction: Callable[[float], None] | None = None) -> Fp8TrainingResult:
     """The step-time comparison, then the seeds in order (`cfg` defaults to the preset `budget.model`);
-    `on_seed(result)` after each completed seed (e.g. to write the records so far). A diverged run stops the
-    experiment: `stopped` names it and its step, and the seeds completed before stay."""
+    `on_seed(result)` after each completed seed (e.g. to write the records so far), `fraction(f)` the share of all
+    training steps done (the step-time comparison counts its steps too). A diverged run stops the experiment:
+    `stopped` names it and its step, and the seeds completed before stay."""
     cfg = cfg or ModelConfig.preset(budget.model)
     check_model(cfg)
     corpus = corpus or stdlib_corpus()
@@ -278,10 +290,15 @@ def run_experiment(budget: Budget, cfg: ModelConfig | None = None, corpus: Corpu
     if progress is not None:
         progress(f"fp8 training: {cfg.name}, step time fp8 vs bf16 ({budget.overhead_reps} rounds)")
     result.overhead = step_overhead(budget, cfg, corpus)
+    overhead_steps, seed_steps = 2 * (2 + budget.overhead_reps), len(RUNS) * budget.steps
+    total = overhead_steps + budget.seeds * seed_steps
+    if fraction is not None:
+        fraction(overhead_steps / total)
     for i in range(budget.seeds):
         label = f"fp8 training [{i + 1}/{budget.seeds}] "
+        within = None if fraction is None else lambda f, i=i: fraction((overhead_steps + (i + f) * seed_steps) / total)
         try:
-            result.seeds.append(run_seed(budget, cfg, budget.first_seed + i, corpus, progress, label))
+            result.seeds.append(run_seed(budget, cfg, budget.first_seed + i, corpus, progress, label, within))
         except ExperimentError as e:
             result.stopped = f"{e}; {len(result.seeds)} of {budget.seeds} seeds completed"
             break
@@ -324,9 +341,25 @@ def gap_records(result: Fp8TrainingResult) -> list[Record]:
     return records
 
 
+def curve_records(result: Fp8TrainingResult) -> list[Record]:
+    """train_loss of every run (subject the run: bf16, fp8, bf16_other_order): the last step's training loss, and
+    the curve (every step, or every k-th and the last when there are more than CURVE_POINTS) for the figure."""
+    out = []
+    for s in result.seeds:
+        for run, losses in s.curves.items():
+            steps = list(range(0, len(losses), math.ceil(len(losses) / CURVE_POINTS)))
+            steps += [] if steps[-1] == len(losses) - 1 else [len(losses) - 1]
+            out.append(Record("train_loss", run, losses[-1], "nats/byte", kind="measured",
+                              method="training loss per step", extra={
+                                  "seed": s.seed, "steps": len(losses), "model": result.config.name,
+                                  "batch_size": result.budget.batch_size, "seq_len": result.budget.seq_len,
+                                  "curve_steps": [i + 1 for i in steps], "curve_loss": [losses[i] for i in steps]}))
+    return out
+
+
 def records(result: Fp8TrainingResult) -> list[Record]:
-    """Every record of a run of the experiment: the two gaps, then the step-time ratio."""
-    return gap_records(result) + ([result.overhead] if result.overhead is not None else [])
+    """Every record of a run of the experiment: the two gaps, the training curves, then the step-time ratio."""
+    return gap_records(result) + curve_records(result) + ([result.overhead] if result.overhead is not None else [])
 
 
 def with_overrides(budget: Budget, **changes: Any) -> Budget:
@@ -394,7 +427,8 @@ def tables(result: Fp8TrainingResult) -> list[Table]:
     if ref:
         notes.append(f"paper ({ref.source}): {ref.note}")
     out.append(Table("FP8 vs BF16 training: final validation loss (nats/byte) and signed relative gap",
-                     ["seed", "bf16", "fp8", "bf16 other order", "fp8 gap", "bf16 noise"], rows, recs, notes))
+                     ["seed", "bf16", "fp8", "bf16 other order", "fp8 gap", "bf16 noise"], rows,
+                     recs + curve_records(result), notes))
     if result.overhead is not None:
         r = result.overhead
         samples = r.extra["samples_s"]

@@ -149,8 +149,12 @@ def run_full(ctx: ReportContext) -> list[Table]:
         case = bench.EPCase(1, (case.tokens[0],) * ranks, case.hidden, 4 * ranks, case.topk, 1, case.seed,
                             case.dtype, case.dispatch_fmt, case.combine_fmt, inter=case.inter)
     ctx.progress(f"comms: starting {ranks} ranks ({backend_for(ctx.device)}) and running EP dispatch/combine ...")
+    specs, runs = ("reference", "hierarchical"), []
     with LocalWorld(ranks, backend_for(ctx.device)) as world:
-        runs = [bench.run_ep(world.run, spec, case, reps=7) for spec in ("reference", "hierarchical")]
+        for spec in specs:
+            ctx.progress(f"comms: EP dispatch/combine, {spec}, {ranks} ranks ...")
+            runs.append(bench.run_ep(world.run, spec, case, reps=7))
+            ctx.fraction(len(runs) / len(specs))
     rows, records = [], []
     for run in runs:
         scaleout, dispatch, combine = run.records

@@ -100,7 +100,8 @@ def kernel_table(ctx: ReportContext) -> Table:
 def training_tables(ctx: ReportContext) -> list[Table]:
     """The FP8-vs-BF16 training experiment at the `report` budget, on the report's device."""
     budget = fp8_training.with_overrides(fp8_training.BUDGETS["report"], device=ctx.device)
-    return fp8_training.tables(fp8_training.run_experiment(budget, progress=ctx.progress))
+    result = fp8_training.run_experiment(budget, progress=ctx.progress, fraction=ctx.fraction)
+    return fp8_training.tables(result)
 
 
 @section("fp8", "FP8 fine-grained mixed precision", order=66, quick=False)

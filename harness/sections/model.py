@@ -131,21 +131,28 @@ def run_full(ctx: ReportContext) -> list[Table]:
     plan = [(m, bench.TPOT_CONTEXTS) for m in chosen] or [(ModelConfig.preset(bench.TPOT_MODEL), bench.TPOT_CONTEXTS),
                                                           (bench.MID_CFG, bench.MID_CONTEXTS)]
     points, ratios = [], []
+    total = len(bench.TPOT_BATCHES) * sum(_fits(cfg, c) for cfg, contexts in plan for c in contexts) \
+        + len(bench.RECOMPUTE_NEW_TOKENS)  # measurements, for the progress bar
     for cfg, contexts in plan:
         ctx.progress(f"model: materialising {cfg.name} in {dtype_name(dtype)} on {ctx.device} ...")
         model = bench.bench_model(cfg, dtype, ctx.device)
         for batch in bench.TPOT_BATCHES:
-            for context in contexts:
-                if context + bench.TPOT_STEPS + 2 > cfg.max_seq_len:
-                    continue
+            for context in (c for c in contexts if _fits(cfg, c)):
                 ctx.progress(f"model: {cfg.name} greedy decode, batch {batch}, context {context} ...")
                 points.append(bench.measure_tpot(model, batch, context, ctx.device, ctx.local))
+                ctx.fraction((len(points) + len(ratios)) / total)
         if cfg is plan[0][0]:  # cached vs recomputed generation: the first model only (minutes otherwise)
             for n in bench.RECOMPUTE_NEW_TOKENS:
                 ctx.progress(f"model: {cfg.name} generating {n} tokens, cached vs recomputed ...")
                 ratios.append(bench.recompute_speedup(model, n, ctx.device))
+                ctx.fraction((len(points) + len(ratios)) / total)
         del model
     return [_tpot_table(ctx, points, dtype), _recompute_table(ctx, ratios, dtype)]
+
+
+def _fits(cfg: ModelConfig, context: int) -> bool:
+    """Whether `context` cached tokens and the timed steps fit in the model's maximum sequence length."""
+    return context + bench.TPOT_STEPS + 2 <= cfg.max_seq_len
 
 
 def _tpot_table(ctx: ReportContext, points: list[bench.TPOTPoint], dtype: torch.dtype) -> Table:

@@ -1,4 +1,5 @@
-"""Section: the paper's EP-communication bound on TPOT, for every MoE model on every profile with a network."""
+"""Section: the paper's EP-communication bound on TPOT, for every MoE model on every profile with a network,
+and over a sweep of link bandwidths (the report's TPOT figure)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,13 @@ from hardware.profile import Profile
 from harness import paper
 from harness.analytic import EPCommBound, ep_comm_bound, ep_link
 from harness.analytic.tpot import tpot_methods
-from harness.formatting import deviation, num
+from harness.formatting import deviation, num, significant
 from harness.paper import PaperRef
 from harness.report_sections import ReportContext, Table, section
 from harness.results import Record
 
 Refs = tuple[PaperRef | None, PaperRef | None]  # the paper's tpot_ms and tokens_per_s
+LINK_GBPS = (25, 50, 100, 200, 400, 900, 1800)  # the sweep of the bandwidth table (GB/s per GPU per direction)
 
 
 def _records(m: ModelConfig, p: Profile, link: tuple[str, float], bounds: dict[str, EPCommBound],
@@ -40,6 +42,23 @@ def _row(m: ModelConfig, p: Profile, link: tuple[str, float], bounds: dict[str, 
             num(ref_ms.value) if ref_ms else "—",
             deviation(tpot7, ref_ms and ref_ms.value) if b7 else "—", num(b7 and b7.tokens_per_s, 1),
             num(ref_tps.value, 0) if ref_tps else "—", num(bx.tpot_s * 1e3, 3), num(bx.tokens_per_s, 1)]
+
+
+def bandwidth_table(models: list[ModelConfig]) -> Table:
+    """The bound (config-exact) of every MoE model over a sweep of link bandwidths (the TPOT figure's lines)."""
+    rows, records = [], []
+    for m in models:
+        row = [m.name]
+        for bw in LINK_GBPS:
+            b = ep_comm_bound(m, bw, "config-exact")
+            records.append(Record("tpot_ms", m.name, b.tpot_s * 1e3, "ms", method="config-exact",
+                                  extra={"link_GBps": bw, "hidden": b.hidden, "comm_time_us": b.comm_time_s * 1e6}))
+            row.append(significant(b.tpot_s * 1e3, 3))
+        rows.append(row)
+    notes = ["TPOT ms of the bound above (config-exact) at each link bandwidth, GB/s per GPU per direction: TPOT is "
+             "inversely proportional to it"]
+    headers = ["model (TPOT ms)", *(f"{bw} GB/s" for bw in LINK_GBPS)]
+    return Table("EP-communication bound on TPOT by link bandwidth", headers, rows, records, notes)
 
 
 @section("tpot", "EP-communication bound on TPOT", order=40)
@@ -70,4 +89,6 @@ def run(ctx: ReportContext) -> list[Table]:
         notes.append(f"no scale-out or rack-scale link declared (bound not applicable): {', '.join(skipped)}")
     headers = ["model", "profile", "link GB/s", "comm us (7k)", "TPOT ms (7k)", "paper ms", "dev", "tok/s (7k)",
                "paper tok/s", "TPOT ms (exact)", "tok/s (exact)"]
-    return [Table("EP-communication bound on TPOT (Insights §2.3.2)", headers, rows, records, notes)]
+    moe_models = [m for m in ctx.models if m.moe is not None]
+    return [Table("EP-communication bound on TPOT (Insights §2.3.2)", headers, rows, records, notes),
+            bandwidth_table(moe_models)]

@@ -33,6 +33,7 @@ from harness.bench.comms import (
     raw_routing,
     transport_job,
 )
+from harness.cases import rebuild
 from harness.numerics import CALC_DIFF_BF16, F64_IDENTITY_RTOL, calc_diff, max_rel_err, within_low_precision_rule
 from harness.pytest_plugin import skip_if_not_applicable
 from harness.registry import not_applicable
@@ -62,6 +63,14 @@ def cases(draw: st.DrawFn, world: int, dtype: str = "float64", dispatch_fmt: str
     return EPCase(gpus, tokens, draw(st.sampled_from(HIDDEN)), world * per_rank, topk, limit,
                   draw(st.integers(0, 2**16)), dtype, dispatch_fmt, combine_fmt, shared=draw(st.integers(0, 1)),
                   drop=draw(st.sampled_from([0.0, 0.3])))
+
+
+def note_case(case: EPCase, job: str, spec: str, *calls: str) -> None:
+    """The lines that rebuild this example on a local world of the same size (printed with a failure): the case,
+    then what every rank returned (`results[rank]`), then `calls`."""
+    rebuild(f"from harness.bench.comms import EPCase, {job}", "from harness.distributed import LocalWorld",
+            f"case = {case!r}", f"with LocalWorld({case.world}, 'gloo') as world:",
+            f"    results = world.run({job}, {spec!r}, case)", *calls)
 
 
 def most(t: torch.Tensor) -> int:
@@ -108,19 +117,33 @@ def all_routing(case: EPCase, indices: list[torch.Tensor]) -> Routing:
 def test_dispatch_delivers_each_token_once_per_destination_rank_in_order(impl, impl_name, ep_world, data):
     case = data.draw(cases(ep_world.world_size))
     skip_if_not_applicable(impl, "fp64")
+    note_case(case, "transport_job", impl_name, "# rank r received results[r]['src_rank'], ['src_token'], ['x']")
     results = ep_world.run(transport_job, impl_name, case)
     per_rank = case.experts // case.world
     for rank, got in enumerate(results):
         pairs, ids, weights = expected_delivery(case, rank)
-        assert list(zip(got["src_rank"].tolist(), got["src_token"].tolist(), strict=True)) == pairs
+        arrived = list(zip(got["src_rank"].tolist(), got["src_token"].tolist(), strict=True))
+        assert arrived == pairs, (f"rank {rank} received (source rank, token) {_first_difference(arrived, pairs)}")
         rows = [case_tokens(case, s)[t] for s, t in pairs]
-        assert torch.equal(got["x"], torch.stack(rows) if rows else torch.empty(0, case.hidden, dtype=torch.float64))
-        assert torch.equal(got["topk_idx"], ids) and torch.equal(got["topk_weights"], weights)
+        assert torch.equal(got["x"], torch.stack(rows) if rows else torch.empty(0, case.hidden, dtype=torch.float64)), \
+            f"rank {rank}: the received rows are not the sent tokens bit for bit"
+        assert torch.equal(got["topk_idx"], ids), f"rank {rank}: local expert ids {got['topk_idx'].tolist()}, " \
+            f"expected {ids.tolist()} (-1 where the expert lives elsewhere)"
+        assert torch.equal(got["topk_weights"], weights), f"rank {rank}: the routing weights changed in transit"
         # tokens per local expert: the all-reduced per-expert counts of the layout, this rank's slice
         total = sum(dispatch_layout(raw_routing(case, s)[0], case.experts, case.world,
                                     case.gpus_per_node).tokens_per_expert for s in range(case.world))
         local = torch.bincount(got["topk_idx"][got["topk_idx"] >= 0], minlength=per_rank)
-        assert torch.equal(local, total[rank * per_rank:(rank + 1) * per_rank])
+        expected = total[rank * per_rank:(rank + 1) * per_rank]
+        assert torch.equal(local, expected), (f"rank {rank}: tokens per local expert {local.tolist()}, the layout "
+                                              f"counts {expected.tolist()}")
+
+
+def _first_difference(got: list[tuple[int, int]], expected: list[tuple[int, int]]) -> str:
+    """Where two delivery lists first differ, in words."""
+    i = next((i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b), min(len(got), len(expected)))
+    got_i, expected_i = (str(p[i]) if i < len(p) else "nothing" for p in (got, expected))
+    return f"{len(got)} pairs, expected {len(expected)}; at position {i} {got_i}, expected {expected_i}"
 
 
 @distributed
@@ -130,13 +153,19 @@ def test_combine_sums_each_tokens_copies(impl, impl_name, ep_world, data):
     # (DeepEP's check: combined / sum(is_token_in_rank) == x). Float64: only the summation rounds.
     case = data.draw(cases(ep_world.world_size))
     skip_if_not_applicable(impl, "fp64")
+    note_case(case, "transport_job", impl_name, "# rank r's combined tokens: results[r]['combined']")
     results = ep_world.run(transport_job, impl_name, case)
     for rank, got in enumerate(results):
-        expected = case_tokens(case, rank) * copies(case, rank)
-        assert got["combined"].shape == expected.shape
-        assert max_rel_err(got["combined"], expected) <= F64_IDENTITY_RTOL
+        n = copies(case, rank)
+        expected = case_tokens(case, rank) * n
+        assert got["combined"].shape == expected.shape, (f"rank {rank}: combine returned {tuple(got['combined'].shape)}"
+                                                         f", expected {tuple(expected.shape)}")
+        err = max_rel_err(got["combined"], expected)
+        assert err <= F64_IDENTITY_RTOL, (f"rank {rank}: combined tokens are not each token x its copy count "
+                                          f"{n.flatten().tolist()} (identity experts): max relative error {err:.2e}")
     sent = sum(int(c.sum()) for c in (copies(case, r) for r in range(case.world)))
-    assert sum(got["x"].shape[0] for got in results) == sent  # tokens conserved: every copy arrives once
+    arrived = sum(got["x"].shape[0] for got in results)
+    assert arrived == sent, f"{arrived} token copies arrived over all ranks, {sent} were sent"
 
 
 @pytest.mark.parametrize(("dtype", "dispatch_fmt"), [("bfloat16", "bf16"), ("float32", "fp8")])
@@ -150,6 +179,7 @@ def test_low_precision_dispatch_and_bf16_combine(impl, impl_name, ep_world, data
     if dispatch_fmt == "fp8":
         skip_if_not_applicable(impl, "fp8_dispatch")
     case = data.draw(cases(ep_world.world_size, dtype, dispatch_fmt, "bf16"))
+    note_case(case, "transport_job", impl_name)
     results = ep_world.run(transport_job, impl_name, case)
     for rank, got in enumerate(results):
         pairs, _, _ = expected_delivery(case, rank)
@@ -157,12 +187,15 @@ def test_low_precision_dispatch_and_bf16_combine(impl, impl_name, ep_world, data
             torch.empty(0, case.hidden, dtype=case.torch_dtype)
         if dispatch_fmt == "fp8":
             q, s = quant_1x128(rows)
-            assert torch.equal(got["x"], q.view(torch.uint8)) and torch.equal(got["scales"], s)
+            assert torch.equal(got["x"], q.view(torch.uint8)), f"rank {rank}: e4m3 bytes are not quant_1x128's"
+            assert torch.equal(got["scales"], s), f"rank {rank}: the 1x128 scales are not quant_1x128's"
         else:
-            assert torch.equal(got["x"], rows)
+            assert torch.equal(got["x"], rows), f"rank {rank}: the bf16 rows changed in transit"
         expected = dispatch_rounded(case_tokens(case, rank), dispatch_fmt).double() * copies(case, rank)
         if expected.any():
-            assert calc_diff(got["combined"], expected) < CALC_DIFF_BF16
+            diff = calc_diff(got["combined"], expected)
+            assert diff < CALC_DIFF_BF16, (f"rank {rank}: bf16 combine calc_diff {diff:.2e} >= {CALC_DIFF_BF16:.0e} "
+                                           "against the dispatched values x their copy counts")
 
 
 # --- the EP MoE --------------------------------------------------------------------------------------------------
@@ -172,12 +205,16 @@ def test_ep_moe_equals_the_single_process_moe(impl, impl_name, ep_world, data):
     # Float64: the EP layer computes the same terms as the single-process MoE, summed in another order.
     skip_if_not_applicable(impl, "fp64")
     case = data.draw(cases(ep_world.world_size))
+    note_case(case, "moe_job", impl_name, "# rank r: results[r]['out'] against results[r]['reference']")
     results = ep_world.run(moe_job, impl_name, case)
-    for got in results:
-        assert got["out"].shape == got["reference"].shape
-        assert max_rel_err(got["out"], got["reference"]) <= F64_IDENTITY_RTOL
+    for rank, got in enumerate(results):
+        assert got["out"].shape == got["reference"].shape, f"rank {rank}: EP MoE output {tuple(got['out'].shape)}"
+        err = max_rel_err(got["out"], got["reference"])
+        assert err <= F64_IDENTITY_RTOL, (f"rank {rank}: the EP MoE differs from the single-process MoE by {err:.2e} "
+                                          f"(max relative) > {F64_IDENTITY_RTOL:.0e} (float64)")
     routed = all_routing(case, [got["indices"] for got in results])
-    assert most(routed.layout.is_token_in_node.sum(-1)) <= case.node_limit  # node-limited routing
+    reached = most(routed.layout.is_token_in_node.sum(-1))
+    assert reached <= case.node_limit, f"a token reached {reached} nodes, the node limit is {case.node_limit}"
 
 
 @pytest.mark.parametrize("dispatch_fmt", ["bf16", "fp8"])
@@ -194,11 +231,12 @@ def test_ep_moe_in_bf16_within_the_error_of_a_single_process_bf16_moe(impl, impl
     if dispatch_fmt == "fp8":
         skip_if_not_applicable(impl, "fp8_dispatch")
     case = data.draw(cases(ep_world.world_size, "bfloat16", dispatch_fmt, "bf16"))
-    for got in ep_world.run(moe_job, impl_name, case):
+    note_case(case, "moe_job", impl_name)
+    for rank, got in enumerate(ep_world.run(moe_job, impl_name, case)):
         if got["out"].numel():
             check = within_low_precision_rule(got["out"], got["reference"], got["truth"], factor=3.0,
                                               floor=2.0 ** -9, metric=max_rel_err)
-            assert check.ok, str(check)
+            assert check.ok, f"rank {rank}: bf16 EP MoE against the float64 truth: {check}"
 
 
 # --- link bytes and node deduplication ---------------------------------------------------------------------------
@@ -211,6 +249,7 @@ def test_link_bytes_equal_the_traffic_models_count(impl, impl_name, ep_world, da
     fmt = data.draw(st.sampled_from(["native", "fp8"] if "fp8_dispatch" not in not_applicable(impl) else
                                     ["native"]))
     case = data.draw(cases(ep_world.world_size, "float32", fmt, "bf16"))
+    note_case(case, "transport_job", impl_name, "# rank r's counters: results[r]['dispatch_bytes'], ['combine_bytes']")
     results = ep_world.run(transport_job, impl_name, case)
     routed = all_routing(case, [raw_routing(case, r)[0] for r in range(case.world)])
     stages = pair_rows(routed, "hierarchical" if node_dedup(impl) else "flat")
@@ -218,8 +257,12 @@ def test_link_bytes_equal_the_traffic_models_count(impl, impl_name, ep_world, da
                                 ("combine", "combine_bytes", payload_bytes(case.hidden, torch.float32, "bf16"))):
         scaleout, scaleup = sender_bytes(stages, case.placement, row, reverse=direction == "combine")
         for rank, got in enumerate(results):
-            assert got[key].scaleout == scaleout[rank].tolist(), (direction, rank)
-            assert got[key].scaleup == int(scaleup[rank]), (direction, rank)
+            assert got[key].scaleout == scaleout[rank].tolist(), (
+                f"{direction}: rank {rank} counted {got[key].scaleout} scale-out bytes per plane, the traffic model "
+                f"{scaleout[rank].tolist()}")
+            assert got[key].scaleup == int(scaleup[rank]), (
+                f"{direction}: rank {rank} counted {got[key].scaleup} scale-up bytes, the traffic model "
+                f"{int(scaleup[rank])}")
 
 
 @distributed
@@ -231,13 +274,16 @@ def test_node_dedup_crosses_scale_out_at_most_node_limit_times(impl, impl_name, 
     skip_if_not_applicable(impl, "node_dedup")
     skip_if_not_applicable(impl, "link_bytes")
     case = data.draw(cases(ep_world.world_size, "float32", "native", "native"))
+    note_case(case, "moe_job", impl_name)
     results = ep_world.run(moe_job, impl_name, case)
     routed = all_routing(case, [got["indices"] for got in results])
     hierarchical, flat = (scaleout_crossings(routed, path) for path in ("hierarchical", "flat"))
     messages = sum(got["dispatch_bytes"].scaleout_total for got in results) // payload_bytes(case.hidden,
                                                                                              torch.float32, "native")
-    assert messages == int(hierarchical.sum()) <= int(flat.sum())
-    assert most(hierarchical) <= case.node_limit and most(flat) <= case.topk
+    assert messages == int(hierarchical.sum()), (f"{messages} scale-out messages, expected one per token and remote "
+                                                 f"destination node: {int(hierarchical.sum())}")
+    assert int(hierarchical.sum()) <= int(flat.sum()) and most(hierarchical) <= case.node_limit
+    assert most(flat) <= case.topk
 
 
 # --- bad input ---------------------------------------------------------------------------------------------------
@@ -250,4 +296,6 @@ def test_bad_input_raises_on_every_rank(impl, impl_name, ep_world, kind, names):
     assert kind in BAD_INPUTS
     case = EPCase(1, (3,) * ep_world.world_size, 16, 2 * ep_world.world_size, 2, 1, 7)
     messages = ep_world.run(bad_input_job, impl_name, case, kind)
-    assert all(m is not None and names in m for m in messages), messages
+    wrong = [(rank, m) for rank, m in enumerate(messages) if m is None or names not in m]
+    assert not wrong, (f"bad {kind}: rank {wrong[0][0]} " + ("raised no ValueError" if wrong[0][1] is None else
+                                                             f"raised {wrong[0][1]!r}, which does not name {names!r}"))

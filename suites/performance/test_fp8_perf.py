@@ -13,7 +13,7 @@ import torch
 from hardware.probe import probe_local
 from hardware.timing import time_interleaved
 from harness.analytic.flops import gemm_flops
-from harness.bench.common import conditions, speedup_record
+from harness.bench.common import GATED_ROUNDS, conditions, speedup_record
 from harness.bench.fp8 import KernelBench, gemm_record, quant_record
 
 pytestmark = [pytest.mark.perf, pytest.mark.dsv3_component("fp8")]
@@ -39,7 +39,7 @@ def test_quantizer_bandwidth(impl, impl_name, dsv3_device, dsv3_results, dsv3_th
     x = torch.randn(rows, 7168, device=dsv3_device).bfloat16()
     quantize = impl.quant_1x128 if layout == "1x128" else impl.quant_128x128
     benchmark.pedantic(quantize, args=(x,), rounds=3, iterations=1, warmup_rounds=1)
-    moved, timing = KernelBench(impl, dsv3_device, reps=5).quant(rows)[layout]
+    moved, timing = KernelBench(impl, dsv3_device, reps=GATED_ROUNDS).quant(rows)[layout]
     dsv3_results.add(quant_record(impl_name, layout, rows, moved, timing, probe_local(), dsv3_device))
 
 
@@ -49,7 +49,7 @@ def test_gemm_vs_bf16_matmul(impl, impl_name, dsv3_device, dsv3_results, dsv3_th
     a, b = torch.randn(m, k, device=dsv3_device).bfloat16(), torch.randn(n, k, device=dsv3_device).bfloat16()
     qa, qb = impl.quant_1x128(a), impl.quant_128x128(b)
     benchmark.pedantic(impl.fp8_gemm, args=(*qa, *qb), rounds=3, iterations=1, warmup_rounds=1)
-    timings = KernelBench(impl, dsv3_device, reps=5).gemm(m, n, k)
+    timings = KernelBench(impl, dsv3_device, reps=GATED_ROUNDS).gemm(m, n, k)
     dsv3_results.add(gemm_record(impl_name, m, n, k, timings, dsv3_device))
 
 

@@ -17,7 +17,7 @@ import torch
 
 from dsv3ref.config import ModelConfig
 from hardware.probe import probe_local
-from harness.bench.common import working_dtype
+from harness.bench.common import GATED_ROUNDS, working_dtype
 from harness.bench.mla import HF_MAX_CONTEXT, DecodeBench, run_decode, transformers_installed
 from harness.numerics import CALC_DIFF_FP8
 
@@ -74,6 +74,6 @@ def test_decode_ratios_side_by_side(benches, dsv3_results, dsv3_threads, cfg, ba
     bench = benches(cfg, baseline, context, batch)
     agreement = bench.agreement()
     assert max(agreement.values()) < CALC_DIFF_FP8  # same state: the MLA steps compute the same attention
-    _, records = run_decode(bench, probe_local(), reps=5)
+    _, records = run_decode(bench, probe_local(), reps=GATED_ROUNDS)
     for record in records:
         dsv3_results.add(record)

@@ -1,4 +1,5 @@
-"""Conformance of RoPE / YaRN (dsv3ref.rope) to the official DeepSeek-V3 semantics.
+"""Properties of RoPE / YaRN (dsv3ref.rope) against the official DeepSeek-V3 semantics (the reference itself: no
+implementation under test; the MLA suite checks an implementation's RoPE through its outputs).
 
 Rotations are norm-preserving, the identity at position 0, and make q.k depend only on the relative position; the
 interleaved (official) and half (rotate_half) layouts give the same scores once vectors are permuted; YaRN's ramp
@@ -26,8 +27,6 @@ from dsv3ref.rope import (
     to_interleaved_layout,
     yarn_range,
 )
-
-pytestmark = [pytest.mark.conformance, pytest.mark.dsv3_component("mla")]
 
 EXACT = 1e-12  # float64, a few operations per element
 V3 = ModelConfig.preset("deepseek-v3-671b")
