@@ -14,6 +14,7 @@ from dsv3ref.config import ModelConfig
 from dsv3ref.corpus import stdlib_corpus
 from harness.cli import main
 from harness.experiments import fp8_training as ft
+from harness.results import Record
 
 TINY_BUDGET = ft.Budget(seeds=2, steps=5, batch_size=2, seq_len=16, eval_batches=3, overhead_reps=2)
 TINY_ARGS = ["--budget", "report", "--seeds", "2", "--steps", "5", "--batch-size", "2", "--seq-len", "16",
@@ -42,6 +43,19 @@ def test_gap_summary_is_the_t_interval_of_the_mean():
 ])
 def test_resolution_needs_the_interval_inside_the_bound(gaps, resolved):
     assert ft.resolves(ft.gap_summary(gaps)) is resolved
+
+
+@pytest.mark.parametrize("gaps,verdict", [
+    ([0.0005, -0.0005, 0.001, 0.0, -0.001], r"^resolved: FP8 stays within 0.25% of BF16 here: mean \|gap\| 0.060%"),
+    ([0.01, 0.011, 0.012, 0.0105, 0.0115], r"^resolved against the bound: .* lies entirely beyond ±0.25%"),
+    ([0.01, -0.01, 0.0, 0.005, -0.005], r"^not resolved at this budget: .*\(resolution ±0.982%\) .* cannot decide"),
+    ([0.01], "^not resolved: one seed gives no confidence interval"),
+])
+def test_verdict_says_in_words_whether_the_budget_settles_the_bound(gaps, verdict):
+    s = ft.gap_summary(gaps)
+    record = Record("fp8_rel_loss_gap", "fp8-vs-bf16", s["mean"], "%", kind="measured",
+                    extra={**s, "bound": ft.PAPER_BOUND, "resolved": ft.resolves(s)})
+    assert re.match(verdict, ft.verdict(record))
 
 
 @pytest.fixture(scope="module")
@@ -78,17 +92,22 @@ def test_tables_print_the_gap_beside_the_noise_floor_and_the_bound(tiny_result):
     assert timing.records[0].metric == "fp8_step_overhead"
 
 
-def test_a_diverging_run_stops_the_experiment_and_keeps_the_seeds_before(monkeypatch):
+def diverge_in_the_fourth_run(monkeypatch) -> None:
+    """Make seed 1's first run (the fourth run of an experiment) diverge: a learning rate of 1e30 from step 1."""
     real = ft.train
     calls = []
 
-    def diverge_in_the_fourth_run(model, corpus, cfg, *args, **kwargs):
+    def train(model, corpus, cfg, *args, **kwargs):
         calls.append(cfg.name)
-        if len(calls) == 4:  # seed 1's first run
+        if len(calls) == 4:
             cfg = ft.dataclasses.replace(cfg, lr=1e30, warmup_steps=0)
         return real(model, corpus, cfg, *args, **kwargs)
 
-    monkeypatch.setattr(ft, "train", diverge_in_the_fourth_run)
+    monkeypatch.setattr(ft, "train", train)
+
+
+def test_a_diverging_run_stops_the_experiment_and_keeps_the_seeds_before(monkeypatch):
+    diverge_in_the_fourth_run(monkeypatch)
     saved = []
     result = ft.run_experiment(TINY_BUDGET, ModelConfig.preset("dsv3-tiny-fp8"), stdlib_corpus(),
                                on_seed=lambda r: saved.append(len(r.seeds)))
@@ -136,3 +155,15 @@ def test_command_bad_input_is_one_line_exit_2(capsys, argv, message):
     assert main(["experiment", "fp8-training", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("dsv3: error: ") and message in err and err.count("\n") == 1
+
+
+def test_command_stops_on_a_diverging_run_naming_it_and_keeps_the_seeds_written(tmp_path, capsys, monkeypatch):
+    diverge_in_the_fourth_run(monkeypatch)
+    assert main(["experiment", "fp8-training", *TINY_ARGS, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert re.match(r"dsv3: error: fp8-training stopped: seed 1 bf16: (non-finite activations|training loss not "
+                    r"finite) at step \d of 5 ", err)
+    assert err.endswith(f"1 of 2 seeds completed (records kept in {tmp_path})")
+    doc = json.loads((tmp_path / "results.json").read_text())
+    gap = next(r for r in doc["results"] if r["subject"] == "fp8-vs-bf16")
+    assert gap["seeds"] == [0] and gap["stopped"].startswith("seed 1 bf16: ")
