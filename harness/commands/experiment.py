@@ -20,7 +20,7 @@ import torch
 from dsv3ref.config import ConfigError
 from dsv3ref.fp8.quant import FP8Error
 from dsv3ref.train import TrainError
-from harness.commands.common import load_model, positive_int
+from harness.commands.common import int_at_least, load_model, positive_int
 from harness.commands.report import _out_dir
 from harness.environment import environment
 from harness.experiments import fp8_training
@@ -41,12 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fp8.add_argument("--model", metavar="PRESET|PATH", help="model preset or JSON/TOML config (every projection "
                      "input a multiple of 128; default: the budget's)")
     fp8.add_argument("--seeds", type=positive_int, metavar="N", help="paired seeds (>= 2)")
-    fp8.add_argument("--first-seed", type=_count_or_zero, metavar="S",
+    fp8.add_argument("--first-seed", type=int_at_least(0), metavar="S",
                      help="seeds S, S+1, ... (default 0; run shards of one experiment on several machines)")
     fp8.add_argument("--steps", type=positive_int, metavar="N", help="optimizer steps per run")
     fp8.add_argument("--batch-size", type=positive_int, metavar="N", help="sequences per step")
     fp8.add_argument("--seq-len", type=positive_int, metavar="N", help="bytes per sequence")
-    fp8.add_argument("--eval-batches", type=_count_or_zero, metavar="N",
+    fp8.add_argument("--eval-batches", type=int_at_least(0), metavar="N",
                      help="validation batches per evaluation (0: the whole validation split)")
     fp8.add_argument("--lr", type=float, metavar="X", help="peak learning rate")
     fp8.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
@@ -58,17 +58,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fp8.add_argument("--format", choices=FORMATS, default="text")
     fp8.add_argument("--out", metavar="DIR", help="write results.json (after every seed) and report.md into DIR")
     fp8.add_argument("--quiet", action="store_true", help="no progress bar and no messages on stderr")
-
-
-def _count_or_zero(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
 
 
 def _budget(args: argparse.Namespace) -> fp8_training.Budget:
