@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from scipy import stats
 
 from dsv3ref.config import ModelConfig
 from dsv3ref.corpus import Corpus, stdlib_corpus
@@ -196,6 +195,8 @@ def gap_summary(gaps: list[float]) -> dict[str, Any]:
     if len(pct) < 2:
         return {"mean": mean, "ci95": None, "half_width": None, "sd": None, "mean_abs": abs(mean)}
     sd = statistics.stdev(pct)
+    from scipy import stats  # here, not at the top: scipy.stats costs ~1 s of every report's start-up
+
     half = float(stats.t.ppf(0.975, len(pct) - 1)) * sd / math.sqrt(len(pct))
     return {"mean": mean, "ci95": [mean - half, mean + half], "half_width": half, "sd": sd,
             "mean_abs": statistics.mean(abs(p) for p in pct)}
